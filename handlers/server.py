@@ -1,0 +1,216 @@
+"""Start, probe and stop a real TorchServe, and read its access tokens.
+
+Used by the tests and the load tester, so that both run the server exactly as the README does:
+``torchserve --start --ts-config config.properties --ncs`` from a working directory, which is where
+TorchServe writes ``key_file.json`` and its logs. Each instance gets its own TMPDIR, because
+TorchServe keeps its pid file in the temp directory and would otherwise refuse to start beside
+another instance (or stop the wrong one).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import requests
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_CONFIG = REPO_ROOT / "config.properties"
+
+
+def read_keys(workdir: str | Path) -> dict[str, str]:
+    """The inference and management tokens from the key_file.json TorchServe wrote in ``workdir``."""
+    keys = json.loads((Path(workdir) / "key_file.json").read_text())
+    return {"inference": keys["inference"]["key"], "management": keys["management"]["key"]}
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def parse_properties(text: str) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in text.splitlines() if "=" in line and not line.lstrip().startswith("#"))
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+@dataclass
+class TorchServe:
+    """One TorchServe instance run from ``workdir`` with the shipped config plus ``overrides``.
+
+    ``overrides`` replace single properties (ports, model_store, load_models ...); everything else,
+    token authorization included, is the shipped production config. ``isolated`` gives the instance
+    its own TMPDIR (tests, sweeps); without it, a plain ``torchserve --stop`` finds and stops it.
+    """
+
+    workdir: Path
+    model_store: Path
+    overrides: dict[str, str] = field(default_factory=dict)
+    enable_model_api: bool = False
+    config: Path = SHIPPED_CONFIG
+    isolated: bool = True
+    process: psutil.Process | None = None
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir).resolve()
+        self.model_store = Path(self.model_store).resolve()
+        self.properties = parse_properties(self.config.read_text()) | {"model_store": str(self.model_store)} | self.overrides
+
+    @property
+    def inference_url(self) -> str:
+        return self.properties["inference_address"]
+
+    @property
+    def management_url(self) -> str:
+        return self.properties["management_address"]
+
+    @property
+    def metrics_url(self) -> str:
+        return self.properties["metrics_address"]
+
+    @property
+    def grpc_inference_target(self) -> str:
+        return f"{self.properties['grpc_inference_address']}:{self.properties['grpc_inference_port']}"
+
+    @property
+    def grpc_management_target(self) -> str:
+        return f"{self.properties['grpc_management_address']}:{self.properties['grpc_management_port']}"
+
+    @property
+    def keys(self) -> dict[str, str]:
+        return read_keys(self.workdir)
+
+    @property
+    def tmpdir(self) -> Path:
+        return self.workdir / "tmp" if self.isolated else Path(tempfile.gettempdir())
+
+    def _env(self) -> dict[str, str]:
+        self.tmpdir.mkdir(parents=True, exist_ok=True)
+        return os.environ | {"TMPDIR": str(self.tmpdir), "LOG_LOCATION": str(self.workdir / "logs"),
+                             "METRICS_LOCATION": str(self.workdir / "logs")}
+
+    def torchserve_cli(self, *args: str) -> str:
+        """Run the torchserve CLI; its output goes to a file because the frontend it starts inherits it."""
+        executable = Path(sys.executable).with_name("torchserve")
+        console = self.workdir / "logs" / "torchserve_cli.log"
+        with open(console, "a") as out:
+            result = subprocess.run([str(executable), *args], cwd=self.workdir, env=self._env(),
+                                    stdout=out, stderr=subprocess.STDOUT, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"torchserve {' '.join(args)} failed: {console.read_text()[-2000:]}")
+        return console.read_text()
+
+    def start(self, wait_for: list[str] | None = None, timeout: float = 240.0) -> "TorchServe":
+        """Start the server and wait until it answers and the named models have a ready worker."""
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "logs" / "effective-config.properties"
+        config.write_text("".join(f"{k}={v}\n" for k, v in self.properties.items()))
+        args = ["--start", "--ts-config", str(config), "--ncs"]
+        if self.enable_model_api:
+            args.append("--enable-model-api")
+        self.torchserve_cli(*args)
+        pid_file = self.tmpdir / ".model_server.pid"
+        deadline = time.monotonic() + timeout
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self.process = psutil.Process(int(pid_file.read_text().split()[0]))
+        try:
+            self._wait_ready(wait_for or [], deadline)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, models: list[str], deadline: float) -> None:
+        pending = ["ping", *models]
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"TorchServe not ready, still waiting for {pending}; see {self.workdir / 'logs'}")
+            if self.process is not None and not self.process.is_running():
+                raise RuntimeError(f"TorchServe exited during start-up; see {self.workdir / 'logs'}")
+            try:
+                if pending[0] == "ping":
+                    ok = requests.get(f"{self.inference_url}/ping", headers=bearer(self.keys["inference"]), timeout=2).ok
+                else:
+                    ok = self.ready_workers(pending[0]) > 0
+            except (requests.RequestException, OSError, ValueError, KeyError):  # key file not (fully) written yet
+                ok = False
+            if ok:
+                pending.pop(0)
+            else:
+                time.sleep(0.5)
+
+    def describe(self, model: str) -> dict:
+        response = requests.get(f"{self.management_url}/models/{model}", headers=bearer(self.keys["management"]), timeout=10)
+        response.raise_for_status()
+        return response.json()[0]
+
+    def ready_workers(self, model: str) -> int:
+        return sum(worker["status"] == "READY" for worker in self.describe(model)["workers"])
+
+    def processes(self) -> list[psutil.Process]:
+        """The frontend and every process it started (the Python workers)."""
+        if self.process is None or not self.process.is_running():
+            return []
+        return [self.process, *self.process.children(recursive=True)]
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """``torchserve --stop``, then make sure no process of this instance is left behind."""
+        family = self.processes()
+        self.torchserve_cli("--stop")
+        _, alive = psutil.wait_procs(family, timeout=timeout)
+        for process in alive:
+            process.kill()
+        psutil.wait_procs(alive, timeout=10)
+        self.process = None
+
+    def log_text(self, name: str = "model_log.log") -> str:
+        path = self.workdir / "logs" / name
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def __enter__(self) -> "TorchServe":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def free_port_overrides(base: int) -> dict[str, str]:
+    """Ports base..base+4 on loopback for a second instance beside the default one."""
+    return {
+        "inference_address": f"http://127.0.0.1:{base}",
+        "management_address": f"http://127.0.0.1:{base + 1}",
+        "metrics_address": f"http://127.0.0.1:{base + 2}",
+        "grpc_inference_port": str(base + 3),
+        "grpc_management_port": str(base + 4),
+    }
+
+
+def main() -> None:
+    """``python -m handlers.server start|stop``: the production server, run from the current directory."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("action", choices=("start", "stop"))
+    parser.add_argument("--model-store", type=Path, default=REPO_ROOT / "model_store")
+    parser.add_argument("--enable-model-api", action="store_true", help="allow register/unregister (off in production)")
+    parser.add_argument("--timeout", type=float, default=300.0)
+    args = parser.parse_args()
+    server = TorchServe(workdir=Path.cwd(), model_store=args.model_store, enable_model_api=args.enable_model_api,
+                        isolated=False)
+    if args.action == "stop":
+        server.torchserve_cli("--stop")
+        return
+    models = sorted(path.stem for path in args.model_store.glob("*.mar"))
+    server.start(wait_for=models, timeout=args.timeout)
+    print(f"TorchServe is serving {', '.join(models)}: REST {server.inference_url}, management {server.management_url}, "
+          f"metrics {server.metrics_url}/metrics, gRPC {server.grpc_inference_target} / {server.grpc_management_target}. "
+          f"Tokens: {server.workdir / 'key_file.json'}. Stop it with: torchserve --stop")
+
+
+if __name__ == "__main__":
+    main()

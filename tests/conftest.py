@@ -1,0 +1,62 @@
+"""Shared fixtures: the CIFAR-10 data, the model store built by the export stage, a real TorchServe."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from handlers.server import REPO_ROOT, TorchServe, free_port_overrides
+
+# Every archive `python -m export` writes; the serving tests need all of them.
+MODEL_NAMES = ("cifar10", "cifar10_torchscript", "cifar10_onnx", "cifar10_onnx_int8_dynamic", "cifar10_onnx_int8_static")
+
+
+def _data_root() -> Path:
+    root = Path(os.environ.get("CIFAR10_ROOT", REPO_ROOT.parent / "shared" / "data"))
+    if not (root / "cifar-10-batches-py" / "test_batch").is_file():
+        pytest.fail(f"CIFAR-10 not found under {root}: set CIFAR10_ROOT to the directory holding cifar-10-batches-py")
+    return root
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    return _data_root()
+
+
+@pytest.fixture(scope="session")
+def test_images(data_root: Path) -> list[tuple[bytes, int]]:
+    """The first 64 CIFAR-10 test images as PNG bytes, with their labels: what a client would send."""
+    from training.data import CIFAR10
+
+    dataset = CIFAR10(str(data_root), train=False)
+    images = []
+    for index in range(64):
+        image, label = dataset[index]
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        images.append((buffer.getvalue(), label))
+    return images
+
+
+@pytest.fixture(scope="session")
+def model_store(data_root: Path) -> Path:
+    """The repository's model_store/, built with `python -m export` first if an archive is missing."""
+    store = Path(os.environ.get("MODEL_STORE", REPO_ROOT / "model_store"))
+    if not all((store / f"{name}.mar").is_file() for name in MODEL_NAMES):
+        subprocess.run([sys.executable, "-m", "export", "--data-dir", str(data_root), "--model-store", str(store)],
+                       cwd=REPO_ROOT, check=True)
+    return store
+
+
+@pytest.fixture(scope="session")
+def torchserve(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> TorchServe:
+    """TorchServe with the shipped production config (auth on, model API off) on test ports."""
+    server = TorchServe(workdir=tmp_path_factory.mktemp("torchserve"), model_store=model_store,
+                        overrides=free_port_overrides(18080))
+    server.start(wait_for=list(MODEL_NAMES))
+    yield server
+    server.stop()

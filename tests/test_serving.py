@@ -1,0 +1,201 @@
+"""REST serving of every exported variant by a real TorchServe with the shipped production config."""
+from __future__ import annotations
+
+import io
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from handlers.server import REPO_ROOT, TorchServe, bearer
+from tests.conftest import MODEL_NAMES
+from training.checkpoint import load_checkpoint
+from training.data import load_split
+from training.model import CLASSES
+
+RELEASE_CHECKPOINT = REPO_ROOT / "training" / "release" / "resnet18_cifar10.pt"
+FP32_MODELS = ("cifar10_torchscript", "cifar10_onnx")
+
+
+def predict(server: TorchServe, model: str, body: bytes | None = None, headers: dict | None = None,
+            **kwargs) -> requests.Response:
+    headers = bearer(server.keys["inference"]) | (headers or {})
+    return requests.post(f"{server.inference_url}/predictions/{model}", data=body, headers=headers, timeout=60, **kwargs)
+
+
+def predict_all(server: TorchServe, model: str, bodies: list[bytes]) -> list[requests.Response]:
+    """Send the bodies concurrently, so that TorchServe can batch them."""
+    with ThreadPoolExecutor(max_workers=len(bodies)) as pool:
+        return list(pool.map(lambda body: predict(server, model, body), bodies))
+
+
+def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def batch_log_lines(server: TorchServe, model: str) -> list[tuple[int, int, int]]:
+    """(requests, images, rejected) for every batch the model's worker has handled so far."""
+    pattern = re.compile(rf"W-\d+-{model}_[\d.]+-stdout MODEL_LOG - batch of (\d+) request\(s\), (\d+) image\(s\), (\d+) rejected")
+    return [tuple(map(int, match.groups())) for match in pattern.finditer(server.log_text())]
+
+
+@pytest.fixture(scope="module")
+def reference_probabilities(data_root) -> torch.Tensor:
+    """The release checkpoint's own fp32 probabilities for the 64 test images the tests send."""
+    model, _ = load_checkpoint(RELEASE_CHECKPOINT)
+    images = torch.stack([image for image, _ in load_split(data_root, train=False, subset=64)])
+    with torch.no_grad():
+        return torch.softmax(model(images), dim=1)
+
+
+def probabilities_of(response: requests.Response) -> list[float]:
+    return [response.json()["probabilities"][name] for name in CLASSES]
+
+
+@pytest.mark.parametrize("model", MODEL_NAMES)
+def test_every_variant_classifies_real_test_images(torchserve, test_images, reference_probabilities, model):
+    responses = predict_all(torchserve, model, [body for body, _ in test_images])
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200][:3]
+    served = torch.tensor([probabilities_of(r) for r in responses])
+    labels = torch.tensor([label for _, label in test_images])
+    assert [r.json()["label"] for r in responses] == [CLASSES[i] for i in served.argmax(1)]
+    torch.testing.assert_close(served.sum(1), torch.ones(len(responses)), atol=1e-4, rtol=0)
+    assert (served.argmax(1) == labels).float().mean() >= 0.85
+    agreement = (served.argmax(1) == reference_probabilities.argmax(1)).float().mean()
+    if model in FP32_MODELS:
+        # Same bytes, same preprocessing, same fp32 weights: the served numbers are the checkpoint's.
+        assert agreement == 1.0
+        torch.testing.assert_close(served, reference_probabilities, atol=1e-4, rtol=0)
+    else:
+        assert agreement >= 0.95
+
+
+def test_the_first_test_image_is_a_cat_for_every_variant(torchserve, test_images):
+    body, label = test_images[0]
+    assert CLASSES[label] == "cat"
+    for model in MODEL_NAMES:
+        assert predict(torchserve, model, body).json()["label"] == "cat"
+
+
+def test_the_default_model_answers_by_name_and_by_version(torchserve, test_images):
+    body, _ = test_images[1]
+    by_name = predict(torchserve, "cifar10", body)
+    version = torchserve.describe("cifar10")["modelVersion"]
+    by_version = predict(torchserve, f"cifar10/{version}", body)
+    assert by_name.status_code == by_version.status_code == 200
+    assert by_name.json() == by_version.json()
+
+
+def test_images_of_any_size_mode_and_format_are_accepted(torchserve, test_images):
+    photo = Image.open(io.BytesIO(test_images[0][0])).resize((300, 200))
+    variants = {
+        "large RGB PNG": encode(photo),
+        "JPEG": encode(photo, "JPEG"),
+        "grayscale": encode(photo.convert("L")),
+        "RGBA": encode(photo.convert("RGBA")),
+        "palette": encode(photo.convert("P")),
+        "1-bit": encode(photo.convert("1")),
+    }
+    for name, body in variants.items():
+        response = predict(torchserve, "cifar10", body)
+        assert response.status_code == 200, f"{name}: {response.text}"
+        assert response.json()["label"] in CLASSES
+
+
+def test_topk_is_returned_on_request(torchserve, test_images):
+    response = predict(torchserve, "cifar10", test_images[0][0], headers={"X-TopK": "3"})
+    topk = response.json()["topk"]
+    assert [entry["label"] for entry in topk][0] == response.json()["label"] and len(topk) == 3
+    assert [e["probability"] for e in topk] == sorted((e["probability"] for e in topk), reverse=True)
+    bad = predict(torchserve, "cifar10", test_images[0][0], headers={"X-TopK": "eleven"})
+    assert bad.status_code == 400 and "topk" in bad.json()["message"]
+
+
+def test_several_images_in_one_multipart_request(torchserve, test_images):
+    files = {f"image{i}": (f"{i}.png", body, "image/png") for i, (body, _) in enumerate(test_images[:4])}
+    response = requests.post(f"{torchserve.inference_url}/predictions/cifar10", files=files,
+                             headers=bearer(torchserve.keys["inference"]), timeout=60)
+    assert response.status_code == 200
+    single = [predict(torchserve, "cifar10", body).json()["label"] for body, _ in test_images[:4]]
+    assert [p["label"] for p in response.json()] == single
+
+
+def test_concurrent_requests_are_batched(torchserve, test_images):
+    batch_size = torchserve.describe("cifar10_onnx")["batchSize"]
+    assert batch_size > 1
+    before = len(batch_log_lines(torchserve, "cifar10_onnx"))
+    responses = predict_all(torchserve, "cifar10_onnx", [body for body, _ in test_images[:32]])
+    assert all(r.status_code == 200 for r in responses)
+    batches = batch_log_lines(torchserve, "cifar10_onnx")[before:]
+    assert sum(requests for requests, _, _ in batches) == 32
+    assert max(requests for requests, _, _ in batches) > 1, batches
+    assert max(requests for requests, _, _ in batches) <= batch_size
+
+
+BAD_INPUTS = {
+    "empty body": (b"", 400, "empty"),
+    "not an image": (b"this is not an image", 415, "not a PNG or JPEG"),
+    "truncated PNG": (None, 400, "truncated"),
+    "GIF": (encode(Image.new("P", (32, 32)), "GIF"), 415, "unsupported image format GIF"),
+    "decompression bomb": (encode(Image.new("1", (20_000, 20_000))), 413, "too large"),
+    "too many pixels": (encode(Image.new("L", (5_000, 5_000))), 413, "more than the limit"),
+}
+
+
+def test_bad_input_gets_a_4xx_naming_the_problem_and_spares_the_rest_of_the_batch(torchserve, test_images):
+    model = "cifar10_torchscript"
+    worker_pids = [w["pid"] for w in torchserve.describe(model)["workers"]]
+    truncated = test_images[0][0][:60]
+    bad = [(truncated if body is None else body, status, text) for body, status, text in BAD_INPUTS.values()]
+    good = [(body, 200, CLASSES[label]) for body, label in test_images[:8]]
+    # Good and bad requests interleaved and sent at once, so that they share batches.
+    plan = [case for pair in zip(good, bad) for case in pair] + good[len(bad):]
+    before = len(batch_log_lines(torchserve, model))
+    responses = predict_all(torchserve, model, [body for body, _, _ in plan])
+
+    for (_, status, expected), response in zip(plan, responses):
+        assert response.status_code == status, response.text
+        if status != 200:
+            assert expected in response.json()["message"], response.json()
+    assert [w["pid"] for w in torchserve.describe(model)["workers"]] == worker_pids, "the worker was restarted"
+    # At least one batch mixed rejected and accepted requests, and the accepted ones were still answered.
+    assert any(0 < rejected < count for count, _, rejected in batch_log_lines(torchserve, model)[before:])
+
+
+def test_oversize_request_is_refused_by_the_frontend(torchserve):
+    limit = int(torchserve.properties["max_request_size"])
+    response = predict(torchserve, "cifar10", b"\x89PNG" + b"\0" * limit)
+    assert response.status_code == 413
+
+
+def test_requests_without_the_token_are_refused(torchserve, test_images):
+    body = test_images[0][0]
+    anonymous = requests.post(f"{torchserve.inference_url}/predictions/cifar10", data=body, timeout=30)
+    assert anonymous.status_code == 400 and "Token Authorization failed" in anonymous.text
+    wrong_key = predict(torchserve, "cifar10", body, headers=bearer(torchserve.keys["management"]))
+    assert wrong_key.status_code == 400
+    management = requests.get(f"{torchserve.management_url}/models", timeout=30)
+    assert management.status_code == 400
+
+
+def test_production_config_keeps_the_model_api_off(torchserve):
+    response = requests.post(f"{torchserve.management_url}/models", params={"url": "cifar10.mar", "model_name": "copy"},
+                             headers=bearer(torchserve.keys["management"]), timeout=30)
+    assert response.status_code >= 400 and "Model API disabled" in response.text
+
+
+def test_prometheus_metrics_are_served(torchserve, test_images):
+    predict(torchserve, "cifar10", test_images[0][0])
+    text = requests.get(f"{torchserve.metrics_url}/metrics", timeout=30).text
+    assert re.search(r'ts_inference_requests_total\{.*model_name="cifar10"', text)
+
+
+def test_every_endpoint_listens_on_loopback_only(torchserve):
+    for key in ("inference_address", "management_address", "metrics_address"):
+        assert torchserve.properties[key].startswith("http://127.0.0.1:")
+    assert torchserve.properties["grpc_inference_address"] == torchserve.properties["grpc_management_address"] == "127.0.0.1"
