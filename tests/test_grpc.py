@@ -1,0 +1,272 @@
+"""gRPC access to TorchServe, against a real server: stubs, management, predictions, auth, shutdown.
+
+One TorchServe for the module, started exactly as in production (shipped config.properties, token
+authorization on) plus ``--enable-model-api`` so that register/unregister can be exercised, on its
+own ports (18090..18094) so that it runs beside the REST tests' instance. The tests run in file
+order; the last but one stops that server, and the last checks the production instance of conftest.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import grpc
+import psutil
+import pytest
+import requests
+import yaml
+
+from handlers import grpc_stubs
+from handlers.grpc_client import PredictionError, TorchServeGrpc
+from handlers.server import REPO_ROOT, TorchServe, bearer, free_port_overrides
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+COPY = "cifar10_grpc_copy"  # a second registration of cifar10_onnx.mar, made and removed by the tests
+
+
+def served_models(store: Path) -> list[str]:
+    """load_models=all: every archive in the store is served, under the name it was archived with."""
+    return sorted(path.stem for path in store.glob("*.mar"))
+
+
+def archive_config(store: Path, model: str) -> dict:
+    with zipfile.ZipFile(store / f"{model}.mar") as archive:
+        return yaml.safe_load(archive.read("model-config.yaml"))
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def ready_pids(client: TorchServeGrpc, model: str) -> list[int]:
+    return [worker["pid"] for worker in client.describe(model)[0]["workers"] if worker["status"] == "READY"]
+
+
+def gone(process: psutil.Process) -> bool:
+    """Exited (a zombie has exited too: it only waits for its parent to collect the status)."""
+    try:
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def status_of(call: Callable[[], object]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value
+
+
+@pytest.fixture(scope="module")
+def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> TorchServe:
+    server = TorchServe(workdir=tmp_path_factory.mktemp("torchserve-grpc"), model_store=model_store,
+                        overrides=free_port_overrides(18090), enable_model_api=True)
+    server.start(wait_for=served_models(model_store))
+    yield server
+    if server.process is not None:  # not already stopped by the last test
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: TorchServe) -> TorchServeGrpc:
+    """What an operator or the load tester holds: both channels and both tokens from key_file.json."""
+    with TorchServeGrpc.from_key_file(server.workdir / "key_file.json",
+                                      inference_target=server.grpc_inference_target,
+                                      management_target=server.grpc_management_target) as client:
+        yield client
+
+
+def test_stubs_are_generated_from_the_installed_torchserve_jar_and_then_reused(tmp_path: Path) -> None:
+    out = tmp_path / "grpc"
+    assert grpc_stubs.main(["--out", str(out)]) == 0  # what `python -m handlers.grpc_stubs` does
+    generated = {path.relative_to(out).as_posix() for path in out.rglob("*.py")}
+    assert {"inference_pb2.py", "inference_pb2_grpc.py", "management_pb2.py", "management_pb2_grpc.py",
+            "google/rpc/status_pb2.py"} <= generated
+    stamp = json.loads((out / grpc_stubs.STAMP).read_text())
+    assert set(stamp) == {"protos_sha256", "grpcio_tools", "protobuf"}
+    first = (out / "inference_pb2.py").stat().st_mtime_ns
+    grpc_stubs.generate(out)  # current stamp: nothing is regenerated
+    assert (out / "inference_pb2.py").stat().st_mtime_ns == first
+    # The client's modules come from build/grpc/ (gitignored), generated on first use.
+    assert Path(grpc_stubs.load_stubs().inference_pb2.__file__).parent == grpc_stubs.BUILD_DIR
+    assert "build/" in (REPO_ROOT / ".gitignore").read_text().split()
+
+
+def test_ping_with_the_inference_key_reports_healthy(client: TorchServeGrpc) -> None:
+    assert client.ping() == "Healthy"
+
+
+def test_list_shows_every_served_model_and_pages_with_limit(client: TorchServeGrpc, model_store: Path) -> None:
+    served = served_models(model_store)
+    assert [model["modelName"] for model in client.list_models(limit=100)["models"]] == served
+    first = client.list_models(limit=2)
+    assert len(first["models"]) == 2 and first["nextPageToken"] == "2"
+    second = client.list_models(limit=100, next_page_token=int(first["nextPageToken"]))
+    assert [model["modelName"] for model in first["models"] + second["models"]] == served
+
+
+def test_describe_reports_the_archives_batching_and_the_ready_workers(client: TorchServeGrpc,
+                                                                      model_store: Path) -> None:
+    config = archive_config(model_store, "cifar10")
+    (description,) = client.describe("cifar10")
+    assert description["batchSize"] == config["batchSize"]
+    assert description["maxBatchDelay"] == config["maxBatchDelay"]
+    assert description["minWorkers"] == config["minWorkers"]
+    assert len(ready_pids(client, "cifar10")) == config["minWorkers"]
+
+
+def test_scaling_to_two_workers_and_back_to_one(client: TorchServeGrpc) -> None:
+    model = "cifar10_torchscript"
+    assert client.scale(model, min_workers=2, max_workers=2) == f"Workers scaled to 2 for model: {model}"
+    assert eventually(lambda: len(ready_pids(client, model)) == 2), client.describe(model)
+    workers = {pid: psutil.Process(pid) for pid in ready_pids(client, model)}
+    assert len(workers) == 2  # two separate worker processes
+
+    client.scale(model, min_workers=1, max_workers=1)
+    assert eventually(lambda: len(client.describe(model)[0]["workers"]) == 1), client.describe(model)
+    (kept,) = ready_pids(client, model)
+    (removed,) = set(workers) - {kept}
+    assert eventually(lambda: gone(workers[removed]))  # the surplus worker process exited
+
+
+def test_register_a_second_copy_predict_set_default_and_unregister(client: TorchServeGrpc,
+                                                                   test_images: list[tuple[bytes, int]]) -> None:
+    image, _ = test_images[0]
+    registered = client.register("cifar10_onnx.mar", name=COPY, initial_workers=1)
+    assert registered.startswith(f'Model "{COPY}" Version: ')
+    assert registered.endswith("registered with 1 initial workers")
+    assert COPY in [model["modelName"] for model in client.list_models()["models"]]
+
+    # The copy serves the same archive, so it answers exactly as the original does.
+    copy, original = client.predict(COPY, image), client.predict("cifar10_onnx", image)
+    assert copy["label"] == original["label"] in CLASSES
+    assert copy["probabilities"] == pytest.approx(original["probabilities"], abs=1e-4)
+
+    version = client.describe(COPY)[0]["modelVersion"]
+    assert client.set_default(COPY, version) == \
+        f'Default version successfully updated for model "{COPY}" to "{version}"'
+    missing = status_of(lambda: client.set_default(COPY, "9.9"))
+    assert missing.code() == grpc.StatusCode.NOT_FOUND and "Model version 9.9 does not exist" in missing.details()
+    # TorchServe 0.12 does not map its conflict exception to a status: a duplicate registration is
+    # UNKNOWN with no details (the CLI explains this case).
+    duplicate = status_of(lambda: client.register("cifar10_onnx.mar", name=COPY))
+    assert duplicate.code() == grpc.StatusCode.UNKNOWN
+
+    assert client.unregister(COPY) == f'Model "{COPY}" unregistered'
+    assert COPY not in [model["modelName"] for model in client.list_models()["models"]]
+    gone = status_of(lambda: client.describe(COPY))
+    assert gone.code() == grpc.StatusCode.NOT_FOUND and f"Model not found: {COPY}" in gone.details()
+    # Predictions for an unknown model are INTERNAL over gRPC (404 over REST), with the same message.
+    unknown = status_of(lambda: client.predict(COPY, image))
+    assert unknown.code() == grpc.StatusCode.INTERNAL and f"Model not found: {COPY}" in unknown.details()
+
+
+def test_grpc_predictions_equal_rest_and_are_accurate(client: TorchServeGrpc, server: TorchServe,
+                                                      test_images: list[tuple[bytes, int]]) -> None:
+    def over_rest(image: bytes) -> dict:
+        response = requests.post(f"{server.inference_url}/predictions/cifar10", data=image,
+                                 headers=bearer(server.keys["inference"]), timeout=60)
+        response.raise_for_status()
+        return response.json()
+
+    images = [image for image, _ in test_images]
+    # Concurrent, like real clients, so that TorchServe fills its batches instead of waiting maxBatchDelay.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        by_grpc = list(pool.map(lambda image: client.predict("cifar10", image), images))
+        by_rest = list(pool.map(over_rest, images))
+
+    for grpc_prediction, rest_prediction in zip(by_grpc, by_rest):
+        assert grpc_prediction["label"] == rest_prediction["label"]
+        assert grpc_prediction["probabilities"] == pytest.approx(rest_prediction["probabilities"], abs=1e-3)
+    correct = sum(prediction["label"] == CLASSES[label] for prediction, (_, label) in zip(by_grpc, test_images))
+    assert correct >= 0.9 * len(test_images), f"{correct}/{len(test_images)} right"
+
+
+@pytest.mark.parametrize("keys", [None, "swapped", "stale"], ids=["no-token", "keys-swapped", "stale-keys"])
+def test_calls_without_the_right_token_are_refused(server: TorchServe, keys: str | None) -> None:
+    real = server.keys
+    tokens = {None: None, "swapped": {"inference": real["management"], "management": real["inference"]},
+              "stale": {"inference": "0" * 8, "management": "0" * 8}}[keys]
+    with TorchServeGrpc(server.grpc_inference_target, server.grpc_management_target, tokens) as intruder:
+        for call in (intruder.ping, intruder.list_models, lambda: intruder.predict("cifar10", b"")):
+            refused = status_of(call)
+            assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "Token Authorization failed" in refused.details()
+
+
+def test_a_bad_image_is_refused_with_the_handlers_status_and_message(client: TorchServeGrpc, server: TorchServe,
+                                                                     test_images: list[tuple[bytes, int]]) -> None:
+    # TorchServe 0.12's gRPC frontend drops the handler's per-request status: the call itself is OK
+    # and the body is the handler's error, the same body REST sends with HTTP 415.
+    body = json.loads(client.predict_raw("cifar10", b"definitely not an image"))
+    assert body["code"] == 415 and body["type"] == "BadInput"
+    assert "not a PNG or JPEG image" in body["message"]
+    rest = requests.post(f"{server.inference_url}/predictions/cifar10", data=b"definitely not an image",
+                         headers=bearer(server.keys["inference"]), timeout=60)
+    assert rest.status_code == 415 and rest.json() == body
+
+    # The client turns that body back into an error, so it can never pass for a prediction.
+    with pytest.raises(PredictionError) as refused:
+        client.predict("cifar10", test_images[0][0][:100])
+    assert refused.value.code == 400 and "truncated or corrupt PNG image" in refused.value.message
+    with pytest.raises(PredictionError, match="400: empty request body"):
+        client.predict("cifar10", b"")
+    # Only that request failed: the worker is still up and classifies the next image.
+    assert client.predict("cifar10", test_images[0][0])["label"] in CLASSES
+
+
+def test_the_cli_uses_the_key_file_and_reports_grpc_errors(server: TorchServe, tmp_path: Path,
+                                                           test_images: list[tuple[bytes, int]],
+                                                           model_store: Path) -> None:
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        targets = ["--inference-target", server.grpc_inference_target,
+                   "--management-target", server.grpc_management_target]
+        return subprocess.run([sys.executable, "-m", "handlers.grpc_client", "--key-file",
+                               str(server.workdir / "key_file.json"), *targets, *args],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+
+    listing = cli("list", "--limit", "10")
+    assert listing.returncode == 0, listing.stderr
+    assert [model["modelName"] for model in json.loads(listing.stdout)["models"]] == served_models(model_store)
+
+    image = tmp_path / "first.png"
+    image.write_bytes(test_images[0][0])
+    predicted = cli("predict", "cifar10", str(image))
+    assert predicted.returncode == 0, predicted.stderr
+    assert json.loads(predicted.stdout)[str(image)]["label"] in CLASSES
+
+    missing = cli("describe", "no_such_model")
+    assert missing.returncode == 1
+    assert "gRPC NOT_FOUND" in missing.stderr and "Model not found: no_such_model" in missing.stderr
+
+
+def test_stopping_the_server_leaves_no_process_behind(server: TorchServe, model_store: Path) -> None:
+    family = server.processes()
+    assert len(family) >= 1 + len(served_models(model_store))  # the frontend and at least a worker per model
+    inference_target = server.grpc_inference_target
+    server.stop()
+    assert [process for process in family if not gone(process)] == []
+    with TorchServeGrpc(inference_target, keys=None) as client:
+        assert status_of(client.ping).code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_production_config_refuses_registration_but_serves(torchserve: TorchServe) -> None:
+    """The shipped config (enable_model_api=false) keeps the served set fixed; reads still work."""
+    with TorchServeGrpc(torchserve.grpc_inference_target, torchserve.grpc_management_target,
+                        torchserve.keys) as production:
+        for change in (lambda: production.register("cifar10.mar", name=COPY),
+                       lambda: production.unregister("cifar10")):
+            refused = status_of(change)
+            assert refused.code() == grpc.StatusCode.PERMISSION_DENIED and "Model API disabled" in refused.details()
+        assert "cifar10" in [model["modelName"] for model in production.list_models()["models"]]
+        assert production.ping() == "Healthy"
