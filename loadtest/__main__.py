@@ -1,0 +1,18 @@
+"""``python -m loadtest [options]``: one load test; ``python -m loadtest sweep [options]``: the benchmark sweep."""
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["sweep"]:
+        from loadtest import sweep
+
+        return sweep.main(argv[1:])
+    from loadtest import run
+
+    return run.main(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

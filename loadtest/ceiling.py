@@ -1,0 +1,159 @@
+"""In-process throughput of an archive: the ceiling a served deployment is measured against.
+
+Two ceilings, both at the server's batch size and per-worker thread count, on real test images,
+loaded from the very archive the server runs (unzipped as TorchServe unzips it for a worker):
+
+* ``model``: the serialized model alone (ONNX Runtime session or torch.jit module) on batches that
+  are already decoded and normalised. The strict ceiling: served/model is what the deployment keeps
+  of the model's own speed, everything else (decode, HTTP, batching, IPC, JSON) counted as cost.
+* ``pipeline``: the archive's own handler called in-process (PNG decode, resize, normalise, model,
+  softmax, answer JSON) without the TorchServe frontend. served/pipeline isolates the cost of the
+  server itself from the work any deployment must do per image.
+
+Run it pinned to the cores the server gets (``--cpus``) so that both sides see the same hardware.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from loadtest.affinity import parse_cpus
+from loadtest.archive import Archive, extract, read_archive
+from loadtest.images import test_images
+from training.data import default_data_dir
+
+WARMUP_BATCHES = 5
+
+
+def images_per_second(run_batch: Callable[[int], None], batch_size: int, seconds: float) -> float:
+    """Run batches back to back for ``seconds`` after a warm-up; ``run_batch`` gets the batch index."""
+    for index in range(WARMUP_BATCHES):
+        run_batch(index)
+    done, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        run_batch(done)
+        done += 1
+    return done * batch_size / elapsed
+
+
+class _Context:
+    """The part of TorchServe's worker Context that the handler touches for valid requests."""
+
+    def __init__(self, model_dir: Path, archive: Archive, batch_size: int) -> None:
+        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None, "batch_size": batch_size}
+        self.manifest = archive.manifest
+        self.model_yaml_config = archive.model_config
+
+    def get_request_header(self, idx: int, key: str) -> None:
+        return None
+
+
+def load_handler(model_dir: Path, archive: Archive, batch_size: int) -> Any:
+    """The archive's handler module, initialised as a worker would initialise it."""
+    spec = importlib.util.spec_from_file_location("archived_handler", model_dir / archive.handler_file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    context = _Context(model_dir, archive, batch_size)
+    module._service.initialize(context)
+    return module._service
+
+
+def model_runner(model_path: Path, threads: int) -> Callable[[np.ndarray], Any]:
+    """The serialized model with the handler's runtime settings: ``threads`` intra-op, one inter-op."""
+    if model_path.suffix == ".onnx":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda batch: session.run(None, {name: batch})
+    import torch
+
+    torch.set_num_threads(threads)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit is deprecated upstream
+        module = torch.jit.load(str(model_path), map_location="cpu").eval()
+
+    def run(batch: np.ndarray) -> Any:
+        with torch.inference_mode():
+            return module(torch.from_numpy(batch))
+    return run
+
+
+def normalised_batches(pngs: tuple[bytes, ...], metadata: dict[str, Any], batch_size: int) -> list[np.ndarray]:
+    """Decoded, normalised NCHW float32 batches cycling through the images, as the model receives them."""
+    pixels = np.stack([np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png in pngs])
+    mean, std = np.array(metadata["mean"], np.float32), np.array(metadata["std"], np.float32)
+    images = ((pixels.astype(np.float32) / 255.0 - mean) / std).transpose(0, 3, 1, 2)
+    count = max(1, len(images) // batch_size)
+    return [np.ascontiguousarray(images[np.arange(i * batch_size, (i + 1) * batch_size) % len(images)])
+            for i in range(count)]
+
+
+def measure(archive_path: Path, batch_size: int | None, threads: int | None, seconds: float, data_dir: str,
+            image_pool: int) -> dict[str, Any]:
+    """Both ceilings of one archive; batch size and threads default to the archive's model-config."""
+    archive = read_archive(archive_path)
+    batch_size = batch_size or int(archive.model_config.get("batchSize", 1))
+    threads = threads or archive.threads
+    pngs, _ = test_images(data_dir, image_pool)
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = extract(archive_path, Path(scratch))
+        run_model = model_runner(model_dir / archive.serialized_file, threads)
+        batches = normalised_batches(pngs, archive.metadata, batch_size)
+        model = images_per_second(lambda i: run_model(batches[i % len(batches)]), batch_size, seconds)
+
+        handler = load_handler(model_dir, archive, batch_size)
+        requests = [[{"body": pngs[(i * batch_size + j) % len(pngs)]} for j in range(batch_size)]
+                    for i in range(max(1, len(pngs) // batch_size))]
+
+        def serve(i: int) -> None:
+            for answer in handler.postprocess(handler.inference(handler.preprocess(requests[i % len(requests)]))):
+                json.dumps(answer)  # the worker serialises every answer too
+
+        pipeline = images_per_second(serve, batch_size, seconds)
+    return {"archive": str(archive_path), "variant": archive.variant, "batch_size": batch_size, "threads": threads,
+            "cpus": sorted(os.sched_getaffinity(0)), "seconds": seconds,
+            "model_images_per_s": model, "pipeline_images_per_s": pipeline}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.ceiling", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("archive", type=Path, help="the .mar the server runs")
+    parser.add_argument("--batch-size", type=int, help="default: the archive's batchSize")
+    parser.add_argument("--threads", type=int, help="default: the archive's handler.threads")
+    parser.add_argument("--seconds", type=float, default=5.0, help="timed seconds per ceiling (default: 5)")
+    parser.add_argument("--cpus", type=parse_cpus, help="pin to these cores first, e.g. 1 or 2-3 (default: no pinning)")
+    parser.add_argument("--data-dir", default=default_data_dir(), help="directory holding cifar-10-batches-py")
+    parser.add_argument("--image-pool", type=int, default=256, help="distinct test images cycled (default: 256)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = get_args_parser().parse_args(argv)
+    if args.cpus:
+        os.sched_setaffinity(0, args.cpus)  # before any thread pool exists, so every pool thread inherits it
+    result = measure(args.archive, args.batch_size, args.threads, args.seconds, args.data_dir, args.image_pool)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

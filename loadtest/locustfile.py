@@ -1,0 +1,164 @@
+"""Locust users for the CIFAR-10 TorchServe deployment: REST (``RestUser``) and gRPC (``GrpcUser``).
+
+    locust -f loadtest/locustfile.py --headless -u 8 -r 8 -t 20s --host http://127.0.0.1:8080 RestUser \
+        --model cifar10 --images-per-request 4 --key-file key_file.json
+
+Each user sends real CIFAR-10 test images (a pool of PNGs encoded once per process, cycled across
+users) with the inference token, checks every answer (a CIFAR-10 label, 10 probabilities summing to
+~1, one answer per image) and fails the request otherwise. Users wait for nothing between requests
+(closed loop), so ``-u`` is the number of requests in flight.
+
+Images, not requests, are the unit of throughput once requests carry several images, so every
+prediction request is mirrored by one ``EXAMPLES`` entry per image (same latency, same outcome):
+Locust's own stats, CSV and history then count examples next to requests.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from typing import Any
+
+import gevent
+import grpc
+import grpc.experimental.gevent as grpc_gevent
+from locust import FastHttpUser, User, constant, events, task
+from locust.env import Environment
+from locust.runners import MasterRunner, WorkerRunner
+from locust.stats import CSV_STATS_INTERVAL_SEC
+
+from handlers.grpc_client import TorchServeGrpc, read_key_file
+from loadtest.check import answer_error
+from loadtest.entries import EXAMPLES, request_entry
+from loadtest.images import multipart, test_images
+from training.data import default_data_dir
+
+grpc_gevent.init_gevent()  # grpc's blocking calls must yield to gevent, or one call would stall every user
+
+_image_cursor = itertools.count()  # shared by the users of a process, so they walk the pool together
+
+
+@events.init_command_line_parser.add_listener
+def add_options(parser: Any) -> None:
+    parser.add_argument("--model", default="cifar10", help="model name to call (default: cifar10)")
+    parser.add_argument("--images-per-request", type=int, default=1,
+                        help="images per REST request; more than one are sent as multipart fields (default: 1)")
+    parser.add_argument("--key-file", default="key_file.json",
+                        help="key_file.json of the running TorchServe (default: ./key_file.json)")
+    parser.add_argument("--grpc-target", default="127.0.0.1:7070", help="gRPC inference host:port")
+    parser.add_argument("--data-dir", default=default_data_dir(), help="directory holding cifar-10-batches-py")
+    parser.add_argument("--image-pool", type=int, default=256, help="distinct test images cycled (default: 256)")
+
+
+@events.init.add_listener
+def encode_images(environment: Environment, **kwargs: Any) -> None:
+    """Encode the image pool before the test starts, so that the timed window never pays for it."""
+    options = environment.parsed_options
+    if options is not None and not isinstance(environment.runner, MasterRunner):
+        test_images(options.data_dir, options.image_pool)
+
+
+@events.quitting.add_listener
+def final_csv_snapshot(environment: Environment, **kwargs: Any) -> None:
+    """Locust rewrites its --csv files every second but not once more at exit, so they would miss the
+    last second; by ``quitting`` the users have stopped, and one more writer cycle makes them final."""
+    options = environment.parsed_options
+    if options is not None and options.csv_prefix and not isinstance(environment.runner, WorkerRunner):
+        gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.5)
+
+
+@events.request.add_listener
+def count_examples(context: dict[str, Any] | None, response_time: float, exception: Exception | None,
+                   **kwargs: Any) -> None:
+    """One EXAMPLES entry per image of a prediction request (marked by ``context["examples"]``)."""
+    if not context or "examples" not in context:
+        return
+    for _ in range(context["examples"]):
+        events.request.fire(request_type=EXAMPLES, name=context["model"], response_time=response_time,
+                            response_length=0, exception=exception, context={})
+
+
+class Cifar10User(User):
+    """Options, images and answer checking shared by both protocols."""
+
+    abstract = True
+    wait_time = constant(0)
+
+    def on_start(self) -> None:
+        options = self.environment.parsed_options
+        self.model: str = options.model
+        self.images_per_request: int = options.images_per_request
+        self.pool, self.classes = test_images(options.data_dir, options.image_pool)
+        self.keys = read_key_file(options.key_file)
+
+    def next_images(self) -> list[bytes]:
+        start = next(_image_cursor) * self.images_per_request
+        return [self.pool[(start + i) % len(self.pool)] for i in range(self.images_per_request)]
+
+    def context(self) -> dict[str, Any]:
+        return {"examples": self.images_per_request, "model": self.model}
+
+
+class RestUser(Cifar10User, FastHttpUser):
+    """POST /predictions/<model>: the PNG as the raw body, or several PNGs as multipart fields."""
+
+    abstract = False
+
+    @task
+    def predict(self) -> None:
+        images = self.next_images()
+        body, content_type = (images[0], "image/png") if len(images) == 1 else multipart(images)
+        headers = {"Authorization": f"Bearer {self.keys['inference']}", "Content-Type": content_type}
+        _, name = request_entry("rest", self.model)
+        with self.client.post(name, data=body, headers=headers, name=name, context=self.context(),
+                              catch_response=True) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {(response.text or '')[:200]}")
+                return
+            try:
+                error = answer_error(response.json(), self.classes, len(images))
+            except ValueError as err:
+                error = f"answer is not JSON: {err}"
+            if error is not None:
+                response.failure(error)
+
+
+class GrpcUser(Cifar10User):
+    """TorchServe's gRPC Predictions call through handlers.grpc_client, one image per call.
+
+    One image per call because the gRPC input is a protobuf map, whose order is not preserved, so
+    several images in one call could not be matched to their answers.
+    """
+
+    abstract = False
+
+    def on_start(self) -> None:
+        super().on_start()
+        if self.images_per_request != 1:
+            raise ValueError("GrpcUser sends one image per call: use --images-per-request 1")
+        self.client = TorchServeGrpc(inference_target=self.environment.parsed_options.grpc_target, keys=self.keys)
+
+    def on_stop(self) -> None:
+        self.client.close()
+
+    @task
+    def predict(self) -> None:
+        (image,) = self.next_images()
+        exception: Exception | None = None
+        answer = b""
+        start = time.perf_counter()
+        try:
+            answer = self.client.predict_raw(self.model, image)
+        except grpc.RpcError as err:
+            exception = err
+        elapsed_ms = 1e3 * (time.perf_counter() - start)
+        if exception is None:
+            try:
+                error = answer_error(json.loads(answer), self.classes, 1)
+            except ValueError as err:
+                error = f"answer is not JSON: {err}"
+            exception = AssertionError(error) if error is not None else None
+        request_type, name = request_entry("grpc", self.model)
+        self.environment.events.request.fire(
+            request_type=request_type, name=name, response_time=elapsed_ms,
+            response_length=len(answer), exception=exception, context=self.context())

@@ -1,0 +1,186 @@
+"""Human-readable reports: one load-test run (summary.md) and a sweep (docs/BENCHMARKS.md)."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+# Served static-INT8 throughput must reach this share of its in-process ceiling. Judged against the
+# pipeline ceiling: a server cannot skip decoding the PNGs it is sent, so the fair in-process
+# equivalent does that work too; the model-only ratio is reported beside it.
+TARGET_RATIO = 0.85
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on: they mean little without it."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    versions = {name: metadata.version(name) for name in ("torch", "onnxruntime", "torchserve", "locust")}
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "os": platform.platform(), "python": platform.python_version(), "versions": versions,
+            "load_average": [round(load, 2) for load in os.getloadavg()]}
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    versions = ", ".join(f"{name} {version}" for name, version in info["versions"].items())
+    return (f"{info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; {info['os']}; Python {info['python']}, "
+            f"{versions}; load average before the run {info['load_average']}")
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
+
+
+def server_line(server: dict[str, Any]) -> str:
+    workers = server["workers"]
+    return (f"batch size {server['batch_size']}, max batch delay {server['max_batch_delay']} ms, "
+            f"{len(workers)} worker(s) ({', '.join(w['status'] for w in workers)}), "
+            f"{server['threads']} intra-op thread(s) per worker")
+
+
+def pinning_line(pinning: dict[str, str] | None) -> str:
+    """``pinning`` maps "server" and/or "locust" to the cores each was pinned to."""
+    if not pinning:
+        return "none: server and Locust share every core"
+    parts = [f"server (frontend and workers) on cores {pinning['server']}" if "server" in pinning else
+             "server not pinned by the load tester", f"Locust on cores {pinning['locust']}"]
+    return ", ".join(parts)
+
+
+def run_markdown(summary: dict[str, Any]) -> str:
+    latency = summary["latency_ms"]
+    rows = [
+        ("date", summary["date"]),
+        ("command", f"`{summary['command']}`"),
+        ("model / variant", f"{summary['model']} / {summary['variant']}"),
+        ("server", server_line(summary["server"])),
+        ("load", f"{summary['users']} closed-loop users (spawn rate {summary['spawn_rate']}/s), "
+                 f"{summary['images_per_request']} image(s) per request over {summary['protocol']}, "
+                 f"{summary['run_time_s']} s, {summary['locust_workers'] or 'no'} Locust worker processes"),
+        ("pinning", pinning_line(summary["pinning"])),
+        ("examples/s", f"{summary['examples_per_s']:.1f} ({summary['examples']} examples)"),
+        ("requests/s", f"{summary['requests_per_s']:.1f} ({summary['requests']} requests)"),
+        ("latency p50 / p90 / p99 (ms)", " / ".join(_ms(latency[p]) for p in ("p50", "p90", "p99"))),
+        ("failures", f"{summary['failures']} of {summary['requests']} requests"),
+        ("machine", machine_line(summary["machine"])),
+    ]
+    lines = [f"# Load test: {summary['model']} ({summary['variant']}) over {summary['protocol']}", "",
+             "| | |", "|---|---|", *(f"| {key} | {value} |" for key, value in rows), ""]
+    if summary["failure_messages"]:
+        lines += ["## Failures", "", *(f"- {message}" for message in summary["failure_messages"]), ""]
+    lines += ["![throughput and latency over time](throughput.png)", "",
+              f"Locust's own CSV: `{summary['csv_prefix']}_stats.csv` (the `EXAMPLES` row counts images), "
+              "`_stats_history.csv`, `_failures.csv`.", ""]
+    return "\n".join(lines)
+
+
+def write_json(path: Path, data: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
+BENCHMARK_COLUMNS = ("pinning", "variant", "batch", "delay ms", "users", "examples/s", "p50 ms", "p90 ms", "p99 ms",
+                     "failures", "mean batch", "model ceiling/s", "served/model", "pipeline ceiling/s",
+                     "served/pipeline")
+
+
+def benchmark_row(row: dict[str, Any]) -> list[str]:
+    run, ceiling, latency = row["run"], row["ceiling"], row["run"]["latency_ms"]
+    return [row["pinning_mode"], run["variant"], str(run["server"]["batch_size"]),
+            str(run["server"]["max_batch_delay"]), str(run["users"]), f"{run['examples_per_s']:.1f}",
+            *(_ms(latency[p]) for p in ("p50", "p90", "p99")), f"{run['failures']}/{run['requests']}",
+            "n/a" if row["mean_batch_images"] is None else f"{row['mean_batch_images']:.1f}",
+            f"{ceiling['model_images_per_s']:.1f}", _ratio(row["served_over_model"]),
+            f"{ceiling['pipeline_images_per_s']:.1f}", _ratio(row["served_over_pipeline"])]
+
+
+def target_lines(rows: list[dict[str, Any]], target_variant: str) -> list[str]:
+    """Whether the served static-INT8 deployment keeps TARGET_RATIO of its pipeline ceiling with zero failures."""
+    lines = []
+    for row in rows:
+        run = row["run"]
+        if run["variant"] != target_variant:
+            continue
+        met = row["served_over_pipeline"] >= TARGET_RATIO and run["failures"] == 0
+        model_ms = 1e3 / row["ceiling"]["model_images_per_s"]
+        handler_ms = 1e3 / row["ceiling"]["pipeline_images_per_s"] - model_ms
+        lines.append(f"- {target_variant}, batch {run['server']['batch_size']}, pinning {row['pinning_mode']}: "
+                     f"served/pipeline {_ratio(row['served_over_pipeline'])} (served/model "
+                     f"{_ratio(row['served_over_model'])}), p99 {_ms(run['latency_ms']['p99'])} ms, "
+                     f"{run['failures']} failed requests: **{'met' if met else 'not met'}**. In process the "
+                     f"handler's own work (decode, transforms, softmax, JSON) costs {handler_ms:.2f} ms per image "
+                     f"beside the model's {model_ms:.2f} ms.")
+    return lines
+
+
+def benchmarks_markdown(sweep: dict[str, Any]) -> str:
+    """docs/BENCHMARKS.md: the table, how it was measured, and the commands that reproduce it."""
+    rows = sweep["rows"]
+    header = "| " + " | ".join(BENCHMARK_COLUMNS) + " |"
+    table = [header, "|" + "---|" * len(BENCHMARK_COLUMNS), *("| " + " | ".join(benchmark_row(r)) + " |" for r in rows)]
+    split = sweep["split"]
+    return "\n".join([
+        "# Serving benchmarks",
+        "",
+        f"Generated by `python -m loadtest sweep` on {sweep['date']}; the raw data is in "
+        "[benchmarks.json](benchmarks.json). Do not edit by hand: rerun the sweep.",
+        "",
+        f"**Machine:** {machine_line(sweep['machine'])}.",
+        "",
+        "## Results",
+        "",
+        *table,
+        "",
+        f"**Target** (served static INT8 >= {TARGET_RATIO:.0%} of its in-process pipeline ceiling, zero failures):",
+        "",
+        *(target_lines(rows, sweep["target_variant"]) or ["- no static-INT8 row in this sweep"]),
+        "",
+        "## How it was measured",
+        "",
+        f"- One TorchServe (the shipped config.properties: token auth on, {sweep['server_note']}) started empty; "
+        "for each row the variant's archive from the model store is registered through the management API "
+        "with the row's batch size and max batch delay (one worker, the archive's `handler.threads` "
+        "intra-op threads), warmed up, load-tested, then unregistered.",
+        f"- Load: Locust (`loadtest/locustfile.py`, `RestUser`), {sweep['users']} closed-loop users, "
+        f"{sweep['images_per_request']} real CIFAR-10 test PNG(s) per request cycled from a pool of "
+        f"{sweep['image_pool']}, {sweep['run_time_s']} s per row after a concurrent warm-up. Every answer is "
+        "checked (label, 10 probabilities summing to 1); a wrong answer is a failure. Throughput is "
+        "examples (images) per second from Locust's own CSV (`EXAMPLES` row); latency percentiles are "
+        "per request, from the same CSV (Locust rounds them to 2 significant digits).",
+        "- **mean batch**: images per model call on the worker during the run, from the handler's "
+        "\"batch of N request(s), M image(s)\" log lines: shows whether the batch setting was actually used.",
+        "- **model ceiling**: the serialized model from the same archive (unzipped), run in-process by ONNX "
+        "Runtime or torch.jit at the row's batch size and the worker's thread count on already decoded, "
+        "normalised images: no decode, no HTTP, no IPC. **served/model** is the share of the model's own "
+        "speed the deployment delivers; everything else is counted as serving cost.",
+        "- **pipeline ceiling**: the archive's own handler called in-process on the same PNGs at the same batch "
+        "size and threads (decode, resize, normalise, model, softmax, JSON), without the TorchServe frontend. "
+        "**served/pipeline** isolates the cost of the server itself (HTTP, batching, frontend-worker IPC).",
+        f"- **pinning `split`**: the server's frontend (every JVM thread) and its worker on cores "
+        f"{split['server']}, Locust on cores {split['locust']} (sched_setaffinity; workers forked later "
+        "inherit the mask, and it is re-applied after each registration); the ceilings are measured pinned "
+        "to the server's cores. **pinning `none`**: everything shares all cores, ceilings unpinned. "
+        "On a machine this small the load generator competes with the server unless pinned.",
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        *sweep["reproduce"],
+        "```",
+        "",
+        "Per-row Locust CSV, summary and throughput plot: `" + sweep["output_dir"] + "/<pinning>-<variant>-b<batch>/`.",
+        "",
+    ])

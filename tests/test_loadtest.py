@@ -1,0 +1,149 @@
+"""The load tester: short bounded Locust runs against a real TorchServe, and the reports it writes.
+
+The runs are a few seconds with 2-3 users: they check that the users send what the server accepts,
+that every answer is checked and that Locust's own CSV counts examples, not that the server is fast.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from handlers.server import TorchServe
+from loadtest.archive import read_archive
+from loadtest.check import answer_error
+from loadtest.entries import EXAMPLES
+from loadtest.locust_csv import history, rates, run_stats
+from loadtest.report import benchmarks_markdown, machine, run_markdown
+from loadtest.run import LoadSpec, load_test
+from loadtest.sweep import mean_batch
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def spec_for(server: TorchServe, data_root: Path, **load: object) -> LoadSpec:
+    return LoadSpec(host=server.inference_url, management=server.management_url,
+                    grpc_target=server.grpc_inference_target, key_file=server.workdir / "key_file.json",
+                    model="cifar10", data_dir=str(data_root), image_pool=32, **load)
+
+
+def csv_row(prefix: Path, request_type: str) -> dict[str, str]:
+    """A row of Locust's own stats CSV, read without the code under test."""
+    with open(f"{prefix}_stats.csv", newline="") as handle:
+        return next(row for row in csv.DictReader(handle) if row["Type"] == request_type)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["rest", "grpc"])
+def test_short_run_has_no_failures_and_counts_examples(protocol: str, torchserve: TorchServe, data_root: Path,
+                                                       model_store: Path, tmp_path: Path) -> None:
+    spec = spec_for(torchserve, data_root, protocol=protocol, users=3, run_time_s=4)
+    summary = load_test(spec, tmp_path, model_store, "pytest")
+
+    examples = csv_row(tmp_path / "locust", EXAMPLES)
+    assert int(examples["Request Count"]) > 0
+    assert int(examples["Failure Count"]) == 0
+    assert summary["failures"] == 0, summary["failure_messages"]
+    assert summary["examples"] == summary["requests"] == int(examples["Request Count"])
+    assert summary["examples_per_s"] > 0 and summary["latency_ms"]["p99"] is not None
+    assert summary["variant"] == read_archive(model_store / "cifar10.mar").variant
+    assert summary["server"]["batch_size"] >= 1 and summary["server"]["workers"]
+    for name in ("summary.json", "summary.md", "throughput.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_several_images_per_request_count_as_examples(torchserve: TorchServe, data_root: Path, model_store: Path,
+                                                      tmp_path: Path) -> None:
+    summary = load_test(spec_for(torchserve, data_root, images_per_request=3, users=2, run_time_s=3), tmp_path,
+                        model_store, "pytest")
+
+    requests, examples = csv_row(tmp_path / "locust", "POST"), csv_row(tmp_path / "locust", EXAMPLES)
+    assert int(requests["Failure Count"]) == 0, summary["failure_messages"]
+    assert int(requests["Request Count"]) > 0
+    assert int(examples["Request Count"]) == 3 * int(requests["Request Count"])
+    assert summary["examples_per_s"] == pytest.approx(3 * summary["requests_per_s"], rel=1e-6)
+
+
+def test_answers_are_checked() -> None:
+    probabilities = dict.fromkeys(CLASSES, 0.05) | {"cat": 0.55}
+    good = {"label": "cat", "probabilities": probabilities}
+    assert answer_error(good, CLASSES, 1) is None
+    assert answer_error([good, good], CLASSES, 2) is None
+    assert "not a CIFAR-10 class" in answer_error(good | {"label": "lion"}, CLASSES, 1)
+    assert "sum to" in answer_error(good | {"probabilities": dict.fromkeys(CLASSES, 0.5)}, CLASSES, 1)
+    assert "most probable" in answer_error(good | {"label": "dog"}, CLASSES, 1)
+    assert "list of 3" in answer_error([good, good], CLASSES, 3)
+
+
+STATS_HEADER = ("Type,Name,Request Count,Failure Count,Median Response Time,Average Response Time,Min Response Time,"
+                "Max Response Time,Average Content Size,Requests/s,Failures/s,50%,66%,75%,80%,90%,95%,98%,99%,99.9%,"
+                "99.99%,100%")
+HISTORY_HEADER = ("Timestamp,User Count,Type,Name,Requests/s,Failures/s,50%,66%,75%,80%,90%,95%,98%,99%,99.9%,99.99%,"
+                  "100%,Total Request Count,Total Failure Count,Total Median Response Time,Total Average Response Time,"
+                  "Total Min Response Time,Total Max Response Time,Total Average Content Size")
+
+
+def write_locust_csv(prefix: Path) -> None:
+    """What Locust writes for 40 two-image requests, one of them failed, over 2 seconds."""
+    Path(f"{prefix}_stats.csv").write_text("\n".join([
+        STATS_HEADER,
+        "POST,/predictions/cifar10,40,1,20,22.5,10,90,800,20.0,0.5,20,21,22,23,30,40,60,90,90,90,90",
+        "EXAMPLES,cifar10,80,2,20,22.5,10,90,0,40.0,1.0,20,21,22,23,30,40,60,90,90,90,90",
+        ",Aggregated,120,3,20,22.5,10,90,266,60.0,1.5,20,21,22,23,30,40,60,90,90,90,90", ""]))
+    Path(f"{prefix}_failures.csv").write_text("\n".join([
+        "Method,Name,Error,Occurrences,First Seen,Last Seen",
+        "POST,/predictions/cifar10,HTTP 503: busy,1,,",
+        "EXAMPLES,cifar10,HTTP 503: busy,2,,", ""]))
+    rows = [HISTORY_HEADER]
+    for t, count in ((100, 0), (101, 16), (101, 20), (102, 40)):
+        for request_type, name, n in (("POST", "/predictions/cifar10", count), (EXAMPLES, "cifar10", 2 * count)):
+            rows.append(f"{t},4,{request_type},{name},0,0,{','.join(['20'] * 11)},{n},0,20,22,10,90,0")
+    Path(f"{prefix}_stats_history.csv").write_text("\n".join(rows + [""]))
+
+
+def test_summary_and_benchmark_reports(tmp_path: Path) -> None:
+    prefix = tmp_path / "locust"
+    write_locust_csv(prefix)
+    stats = run_stats(prefix, "POST", "/predictions/cifar10", "cifar10")
+    assert (stats["requests"], stats["failures"], stats["examples"], stats["example_failures"]) == (40, 1, 80, 2)
+    assert (stats["requests_per_s"], stats["examples_per_s"]) == (20.0, 40.0)
+    assert stats["latency_ms"] == {"p50": 20.0, "p90": 30.0, "p99": 90.0, "avg": 22.5, "max": 90.0}
+    assert stats["failure_messages"] == ["1x POST /predictions/cifar10: HTTP 503: busy"]
+    # per-second rates from the cumulative counts, using the last row of a second that appears twice
+    assert rates(history(prefix, EXAMPLES, "cifar10")) == [(101.0, 40.0), (102.0, 40.0)]
+
+    server = {"batch_size": 8, "max_batch_delay": 10, "threads": 1, "workers": [{"pid": 1, "status": "READY"}]}
+    summary = {"date": "2026-01-01T00:00:00+00:00", "command": "python -m loadtest", "model": "cifar10",
+               "variant": "onnx_int8_static", "server": server, "protocol": "rest", "images_per_request": 2,
+               "users": 4, "spawn_rate": 4, "run_time_s": 2, "locust_workers": 0, "pinning": {"locust": "0"},
+               "csv_prefix": str(prefix), "machine": machine(), **stats}
+    markdown = run_markdown(summary)
+    assert "| examples/s | 40.0 (80 examples) |" in markdown
+    assert "| latency p50 / p90 / p99 (ms) | 20 / 30 / 90 |" in markdown
+    assert "| failures | 1 of 40 requests |" in markdown and "HTTP 503: busy" in markdown
+    assert "batch size 8, max batch delay 10 ms" in markdown and "Locust on cores 0" in markdown
+    json.dumps(summary)  # summary.json must be writable as is
+
+    row = {"pinning_mode": "split", "affinity": {}, "run": summary, "mean_batch_requests": 4.0,
+           "mean_batch_images": 8.0, "ceiling": {"model_images_per_s": 50.0, "pipeline_images_per_s": 44.0},
+           "served_over_model": 0.8, "served_over_pipeline": 40.0 / 44.0}
+    sweep = {"date": summary["date"], "machine": summary["machine"], "reproduce": ["python -m loadtest sweep"],
+             "split": {"server": "1", "locust": "0"}, "server_note": "ports 18200-18204", "users": 4,
+             "images_per_request": 2, "run_time_s": 2, "image_pool": 256, "target_variant": "onnx_int8_static",
+             "output_dir": "build/loadtest/sweep", "rows": [row]}
+    benchmarks = benchmarks_markdown(sweep)
+    assert "| split | onnx_int8_static | 8 | 10 | 4 | 40.0 | 20 | 30 | 90 | 1/40 | 8.0 | 50.0 | 80% | 44.0 | 91% |" \
+        in benchmarks
+    assert "served/pipeline 91% (served/model 80%), p99 90 ms, 1 failed requests: **not met**" in benchmarks
+    assert "costs 2.73 ms per image beside the model's 20.00 ms" in benchmarks
+    assert "python -m loadtest sweep" in benchmarks
+
+
+def test_mean_batch_from_worker_log() -> None:
+    log = ("2026-01-01 INFO batch of 3 request(s), 6 image(s), 0 rejected\n"
+           "2026-01-01 INFO batch of 1 request(s), 2 image(s), 0 rejected\n")
+    assert mean_batch(log) == (2.0, 4.0)
+    assert mean_batch("nothing batched") == (None, None)
