@@ -28,6 +28,7 @@ from typing import Any
 import grpc
 
 from handlers.grpc_stubs import load_stubs
+from handlers.server import read_key_file
 
 # config.properties' gRPC addresses: what a client on the serving host talks to by default.
 INFERENCE_TARGET = "127.0.0.1:7070"
@@ -166,15 +167,6 @@ class TorchServeGrpc:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def read_key_file(path: str | Path) -> dict[str, str]:
-    """``{"inference": key, "management": key}`` from the key file itself.
-
-    (``handlers.server.read_keys`` takes TorchServe's start directory instead.)
-    """
-    keys = json.loads(Path(path).read_text())
-    return {"inference": keys["inference"]["key"], "management": keys["management"]["key"]}
 
 
 def describe_error(error: grpc.RpcError, target: str) -> str:

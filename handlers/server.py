@@ -25,9 +25,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_CONFIG = REPO_ROOT / "config.properties"
 
 
-def read_keys(workdir: str | Path) -> dict[str, str]:
-    """The inference and management tokens from the key_file.json TorchServe wrote in ``workdir``."""
-    keys = json.loads((Path(workdir) / "key_file.json").read_text())
+def read_key_file(path: str | Path) -> dict[str, str]:
+    """``{"inference": key, "management": key}`` from a key_file.json (TorchServe writes it in its start directory)."""
+    keys = json.loads(Path(path).read_text())
     return {"inference": keys["inference"]["key"], "management": keys["management"]["key"]}
 
 
@@ -84,7 +84,7 @@ class TorchServe:
 
     @property
     def keys(self) -> dict[str, str]:
-        return read_keys(self.workdir)
+        return read_key_file(self.workdir / "key_file.json")
 
     @property
     def tmpdir(self) -> Path:

@@ -27,7 +27,8 @@ from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 from locust.stats import CSV_STATS_INTERVAL_SEC
 
-from handlers.grpc_client import TorchServeGrpc, read_key_file
+from handlers.grpc_client import TorchServeGrpc
+from handlers.server import read_key_file
 from loadtest.check import answer_error
 from loadtest.entries import EXAMPLES, request_entry
 from loadtest.images import multipart, test_images

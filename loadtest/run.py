@@ -24,7 +24,7 @@ from typing import Any
 
 import requests
 
-from handlers.grpc_client import read_key_file
+from handlers.server import read_key_file
 from handlers.server import REPO_ROOT, SHIPPED_CONFIG, bearer, parse_properties
 from loadtest.affinity import format_cpus, parse_cpus, preexec
 from loadtest.archive import read_archive
