@@ -1,1 +1,1 @@
-"""loadtest stage."""
+"""Load testing of the running TorchServe deployment with Locust."""
