@@ -12,11 +12,11 @@ export CIFAR10_ROOT
 
 .PHONY: venv train evaluate model-store grpc serve stop test test-fast loadtest sweep clean
 
+# torch and torchvision go first and exactly pinned, so that no resolver ever picks another build.
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch and torchvision first and exactly pinned, so that no resolver ever picks another build.
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
@@ -27,7 +27,9 @@ train: venv
 evaluate: venv
 	$(PY) -m training.evaluate $(CHECKPOINT) --data-dir $(CIFAR10_ROOT)
 
-model-store: venv
+# Re-exported (and re-verified) only when the checkpoint, the exporter or the handler changed.
+model-store: model_store/cifar10.mar
+model_store/cifar10.mar: $(CHECKPOINT) $(wildcard export/*.py) handlers/cifar10_handler.py | venv
 	$(PY) -m export --checkpoint $(CHECKPOINT) --data-dir $(CIFAR10_ROOT)
 
 grpc: venv
