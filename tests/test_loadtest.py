@@ -19,8 +19,7 @@ from loadtest.locust_csv import history, rates, run_stats
 from loadtest.report import benchmarks_markdown, machine, run_markdown
 from loadtest.run import LoadSpec, load_test
 from loadtest.sweep import mean_batch
-
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+from training.model import CLASSES
 
 
 def spec_for(server: TorchServe, data_root: Path, **load: object) -> LoadSpec:
@@ -65,6 +64,16 @@ def test_several_images_per_request_count_as_examples(torchserve: TorchServe, da
     assert int(requests["Request Count"]) > 0
     assert int(examples["Request Count"]) == 3 * int(requests["Request Count"])
     assert summary["examples_per_s"] == pytest.approx(3 * summary["requests_per_s"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_distributed_locust_master_and_workers_on_loopback(torchserve: TorchServe, data_root: Path,
+                                                           model_store: Path, tmp_path: Path) -> None:
+    summary = load_test(spec_for(torchserve, data_root, workers=2, users=4, run_time_s=5), tmp_path, model_store, "pytest")
+
+    examples = csv_row(tmp_path / "locust", EXAMPLES)
+    assert int(examples["Request Count"]) > 0 and int(examples["Failure Count"]) == 0
+    assert summary["failures"] == 0, summary["failure_messages"]
 
 
 def test_answers_are_checked() -> None:
