@@ -5,7 +5,6 @@ checkpoint's metadata, so that a change here cannot silently diverge between tra
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torchvision.models import resnet18
 

@@ -14,7 +14,6 @@ import argparse
 import csv
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -24,10 +23,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from training.checkpoint import build_metadata, save_checkpoint
+from training.checkpoint import build_metadata, load_checkpoint, save_checkpoint
 from training.data import DATA_ENV, default_data_dir, load_split
-from training.engine import EpochStats, evaluate, needs_grad_scaler, train_one_epoch
-from training.model import CLASSES, build_model
+from training.engine import evaluate, needs_grad_scaler, train_one_epoch
+from training.model import build_model
 from training.plots import plot_curves
 
 # Recipes. "cpu" fits a 2-core machine (bf16, ~130-150 images/s) in about 100 minutes;
@@ -190,8 +189,6 @@ def main(args: argparse.Namespace) -> dict:
 def finalize(model: nn.Module, history: list[dict], recipe: dict, test_loader: DataLoader, device: torch.device,
              output_dir: Path, half: bool) -> Path:
     """Save model.pt and record the fp32 test accuracy of exactly the weights it holds."""
-    from training.checkpoint import load_checkpoint
-
     path = output_dir / "model.pt"
     train_seconds = sum(row["epoch_seconds"] for row in history)
     metadata = build_metadata(
