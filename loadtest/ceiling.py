@@ -22,7 +22,6 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from export.runtime import load_runner
 from loadtest.affinity import parse_cpus
 from loadtest.archive import Archive, extract, read_archive
 from loadtest.images import test_images
@@ -72,30 +72,6 @@ def load_handler(model_dir: Path, archive: Archive, batch_size: int) -> Any:
     return module._service
 
 
-def model_runner(model_path: Path, threads: int) -> Callable[[np.ndarray], Any]:
-    """The serialized model with the handler's runtime settings: ``threads`` intra-op, one inter-op."""
-    if model_path.suffix == ".onnx":
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return lambda batch: session.run(None, {name: batch})
-    import torch
-
-    torch.set_num_threads(threads)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit is deprecated upstream
-        module = torch.jit.load(str(model_path), map_location="cpu").eval()
-
-    def run(batch: np.ndarray) -> Any:
-        with torch.inference_mode():
-            return module(torch.from_numpy(batch))
-    return run
-
-
 def normalised_batches(pngs: tuple[bytes, ...], metadata: dict[str, Any], batch_size: int) -> list[np.ndarray]:
     """Decoded, normalised NCHW float32 batches cycling through the images, as the model receives them."""
     pixels = np.stack([np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png in pngs])
@@ -115,7 +91,7 @@ def measure(archive_path: Path, batch_size: int | None, threads: int | None, sec
     pngs, _ = test_images(data_dir, image_pool)
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = extract(archive_path, Path(scratch))
-        run_model = model_runner(model_dir / archive.serialized_file, threads)
+        run_model = load_runner(model_dir / archive.serialized_file, threads)
         batches = normalised_batches(pngs, archive.metadata, batch_size)
         model = images_per_second(lambda i: run_model(batches[i % len(batches)]), batch_size, seconds)
 
