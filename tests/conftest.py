@@ -1,7 +1,6 @@
 """Shared fixtures: the CIFAR-10 data, the model store built by the export stage, a real TorchServe."""
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
@@ -29,17 +28,12 @@ def data_root() -> Path:
 
 @pytest.fixture(scope="session")
 def test_images(data_root: Path) -> list[tuple[bytes, int]]:
-    """The first 64 CIFAR-10 test images as PNG bytes, with their labels: what a client would send."""
+    """The first 64 CIFAR-10 test images as PNG bytes (the load tester's pool), with their labels."""
+    from loadtest.images import test_images as png_pool
     from training.data import CIFAR10
 
-    dataset = CIFAR10(str(data_root), train=False)
-    images = []
-    for index in range(64):
-        image, label = dataset[index]
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        images.append((buffer.getvalue(), label))
-    return images
+    pngs, _ = png_pool(str(data_root), 64)
+    return list(zip(pngs, CIFAR10(str(data_root), train=False).targets[:64]))
 
 
 @pytest.fixture(scope="session")
