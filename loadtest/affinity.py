@@ -12,8 +12,43 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import psutil
+
+PINNING_MODES = {
+    "split": "the server (frontend and workers) on the server cores, Locust on the others",
+    "worker": "the model workers alone on the server cores; the frontend and Locust share the others",
+    "none": "everything shares every core",
+}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The cores of each side of a load test; ``locust`` None leaves Locust unpinned."""
+
+    frontend: set[int]
+    workers: set[int]
+    locust: set[int] | None
+
+    def report(self) -> dict[str, str] | None:
+        """What the run summary records (None when nothing is pinned apart)."""
+        if self.locust is None:
+            return None
+        return {"frontend": format_cpus(self.frontend), "workers": format_cpus(self.workers),
+                "locust": format_cpus(self.locust)}
+
+
+def placement(mode: str, server_cpus: set[int], locust_cpus: set[int]) -> Placement:
+    """The cores of each side under a pinning mode of PINNING_MODES."""
+    if mode == "split":
+        return Placement(frontend=server_cpus, workers=server_cpus, locust=locust_cpus)
+    if mode == "worker":
+        return Placement(frontend=locust_cpus, workers=server_cpus, locust=locust_cpus)
+    if mode == "none":
+        everything = os.sched_getaffinity(0)
+        return Placement(frontend=everything, workers=everything, locust=None)
+    raise ValueError(f"unknown pinning mode {mode!r}, expected one of {', '.join(PINNING_MODES)}")
 
 
 def parse_cpus(text: str) -> set[int]:

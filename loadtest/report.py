@@ -10,6 +10,8 @@ from typing import Any
 
 import psutil
 
+from loadtest.affinity import PINNING_MODES
+
 # Served static-INT8 throughput must reach this share of its in-process ceiling. Judged against the
 # pipeline ceiling: a server cannot skip decoding the PNGs it is sent, so the fair in-process
 # equivalent does that work too; the model-only ratio is reported beside it.
@@ -47,12 +49,15 @@ def server_line(server: dict[str, Any]) -> str:
 
 
 def pinning_line(pinning: dict[str, str] | None) -> str:
-    """``pinning`` maps "server" and/or "locust" to the cores each was pinned to."""
+    """``pinning`` maps "frontend", "workers" and "locust" to the cores each was pinned to (any may be absent)."""
     if not pinning:
         return "none: server and Locust share every core"
-    parts = [f"server (frontend and workers) on cores {pinning['server']}" if "server" in pinning else
-             "server not pinned by the load tester", f"Locust on cores {pinning['locust']}"]
-    return ", ".join(parts)
+    if "frontend" in pinning and pinning["frontend"] == pinning.get("workers"):
+        parts = [f"server (frontend and workers) on cores {pinning['frontend']}"]
+    else:
+        parts = [f"{label} on cores {pinning[key]}" if key in pinning else f"{label} not pinned by the load tester"
+                 for key, label in (("frontend", "frontend"), ("workers", "model workers"))]
+    return ", ".join([*parts, f"Locust on cores {pinning['locust']}"])
 
 
 def run_markdown(summary: dict[str, Any]) -> str:
@@ -93,8 +98,13 @@ def _ratio(value: float | None) -> str:
 
 
 BENCHMARK_COLUMNS = ("pinning", "variant", "batch", "delay ms", "users", "examples/s", "p50 ms", "p90 ms", "p99 ms",
-                     "failures", "mean batch", "model ceiling/s", "served/model", "pipeline ceiling/s",
-                     "served/pipeline")
+                     "failures", "mean batch", "cores busy F/W/O", "model ceiling/s", "served/model",
+                     "pipeline ceiling/s", "served/pipeline")
+
+
+def cores_busy(cores: dict[str, float] | None) -> str:
+    """frontend/workers/other cores busy, e.g. ``0.31/0.98/0.62``."""
+    return "n/a" if not cores else "/".join(f"{cores[key]:.2f}" for key in ("frontend", "workers", "other"))
 
 
 def benchmark_row(row: dict[str, Any]) -> list[str]:
@@ -103,8 +113,28 @@ def benchmark_row(row: dict[str, Any]) -> list[str]:
             str(run["server"]["max_batch_delay"]), str(run["users"]), f"{run['examples_per_s']:.1f}",
             *(_ms(latency[p]) for p in ("p50", "p90", "p99")), f"{run['failures']}/{run['requests']}",
             "n/a" if row["mean_batch_images"] is None else f"{row['mean_batch_images']:.1f}",
+            cores_busy(row.get("cpu_cores")),
             f"{ceiling['model_images_per_s']:.1f}", _ratio(row["served_over_model"]),
             f"{ceiling['pipeline_images_per_s']:.1f}", _ratio(row["served_over_pipeline"])]
+
+
+def busy_sentence(row: dict[str, Any]) -> str:
+    """Where the worker's core went: CPU per served image against the in-process pipeline's, and idling."""
+    cores, served = row.get("cpu_cores"), row["run"]["examples_per_s"]
+    if not cores or not served:
+        return ""
+    worker_ms = 1e3 * cores["workers"] / served
+    pipeline_ms = 1e3 / row["ceiling"]["pipeline_images_per_s"]
+    if row["pinning_mode"] == "worker":  # the worker had its core to itself: not busy means waiting
+        waiting = f"With its core to itself, the worker sat idle {max(0.0, 1 - cores['workers']):.0%} of the time."
+    else:
+        waiting = "The worker shared its core(s) with the frontend" + (" and Locust." if row["pinning_mode"] == "none"
+                                                                        else ".")
+    return (f" Cores busy: frontend {cores['frontend']:.2f}, worker {cores['workers']:.2f}, everything else "
+            f"{cores['other']:.2f}. The worker spent {worker_ms:.2f} ms of CPU per served image against "
+            f"{pipeline_ms:.2f} ms for the same handler in process: {worker_ms - pipeline_ms:+.2f} ms per image "
+            "went to TorchServe's Python worker loop (reading the batch from the frontend, metrics, writing "
+            f"the answers). {waiting}")
 
 
 def target_lines(rows: list[dict[str, Any]], target_variant: str) -> list[str]:
@@ -122,7 +152,7 @@ def target_lines(rows: list[dict[str, Any]], target_variant: str) -> list[str]:
                      f"{_ratio(row['served_over_model'])}), p99 {_ms(run['latency_ms']['p99'])} ms, "
                      f"{run['failures']} failed requests: **{'met' if met else 'not met'}**. In process the "
                      f"handler's own work (decode, transforms, softmax, JSON) costs {handler_ms:.2f} ms per image "
-                     f"beside the model's {model_ms:.2f} ms.")
+                     f"beside the model's {model_ms:.2f} ms.{busy_sentence(row)}")
     return lines
 
 
@@ -131,7 +161,7 @@ def benchmarks_markdown(sweep: dict[str, Any]) -> str:
     rows = sweep["rows"]
     header = "| " + " | ".join(BENCHMARK_COLUMNS) + " |"
     table = [header, "|" + "---|" * len(BENCHMARK_COLUMNS), *("| " + " | ".join(benchmark_row(r)) + " |" for r in rows)]
-    split = sweep["split"]
+    cores = sweep["cores"]
     return "\n".join([
         "# Serving benchmarks",
         "",
@@ -169,11 +199,17 @@ def benchmarks_markdown(sweep: dict[str, Any]) -> str:
         "- **pipeline ceiling**: the archive's own handler called in-process on the same PNGs at the same batch "
         "size and threads (decode, resize, normalise, model, softmax, JSON), without the TorchServe frontend. "
         "**served/pipeline** isolates the cost of the server itself (HTTP, batching, frontend-worker IPC).",
-        f"- **pinning `split`**: the server's frontend (every JVM thread) and its worker on cores "
-        f"{split['server']}, Locust on cores {split['locust']} (sched_setaffinity; workers forked later "
-        "inherit the mask, and it is re-applied after each registration); the ceilings are measured pinned "
-        "to the server's cores. **pinning `none`**: everything shares all cores, ceilings unpinned. "
-        "On a machine this small the load generator competes with the server unless pinned.",
+        "- **cores busy F/W/O**: average cores kept busy during the steady part of the run (Locust's history "
+        "minus a second at each end) by the TorchServe frontend (JVM), the model worker, and everything else "
+        "on the machine (Locust, mostly), from the processes' CPU times sampled every 0.5 s. A worker near "
+        "1.00 on its own core means the model's core was saturated; what it spent beyond the ceiling's "
+        "share went to TorchServe's Python worker loop and IPC.",
+        f"- **pinning** (sched_setaffinity on every thread; workers forked later inherit the frontend's mask, "
+        "so the masks are re-applied after each registration; the ceilings are measured on the workers' "
+        f"cores, unpinned for `none`): **`split`**: {PINNING_MODES['split']} (server cores {cores['server']}, "
+        f"Locust cores {cores['locust']}). **`worker`**: {PINNING_MODES['worker']}. **`none`**: "
+        f"{PINNING_MODES['none']}. On a machine this small the load generator competes with the server "
+        "unless pinned.",
         "",
         "## Reproduce",
         "",

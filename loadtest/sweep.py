@@ -26,20 +26,38 @@ import requests
 
 from export.variants import VARIANTS, model_name
 from handlers.server import REPO_ROOT, TorchServe, bearer, free_port_overrides
-from loadtest.affinity import affinities, default_split, format_cpus, parse_cpus, pin
+from loadtest.affinity import (
+    PINNING_MODES,
+    Placement,
+    affinities,
+    default_split,
+    format_cpus,
+    parse_cpus,
+    pin,
+    placement,
+)
 from loadtest.archive import read_archive
+from loadtest.cpu_usage import CpuMeter
+from loadtest.entries import EXAMPLES
+from loadtest.locust_csv import history, rates
 from loadtest.report import benchmarks_markdown, machine, write_json
-from loadtest.run import LoadSpec, add_load_arguments, check_data_dir, load_test, warm_up
+from loadtest.run import (
+    LoadSpec,
+    add_load_arguments,
+    check_data_dir,
+    load_test,
+    warm_up,
+)
 
 TARGET_VARIANT = "onnx_int8_static"
 BATCH_LINE = re.compile(r"batch of (\d+) request\(s\), (\d+) image\(s\)")
 REGISTER_TIMEOUT_S = 300
 
 
-def register(server: TorchServe, name: str, batch_size: int, max_batch_delay: int) -> None:
-    """Register ``name``.mar with these batch settings (they override its model-config.yaml) and one worker."""
+def register(server: TorchServe, name: str, batch_size: int, max_batch_delay: int, workers: int) -> None:
+    """Register ``name``.mar with these batch settings and workers (they override its model-config.yaml)."""
     params = {"url": f"{name}.mar", "model_name": name, "batch_size": batch_size, "max_batch_delay": max_batch_delay,
-              "initial_workers": 1, "synchronous": "true"}
+              "initial_workers": workers, "synchronous": "true"}
     response = requests.post(f"{server.management_url}/models", params=params,
                              headers=bearer(server.keys["management"]), timeout=REGISTER_TIMEOUT_S)
     if not response.ok:
@@ -74,43 +92,53 @@ def mean_batch(log_text: str) -> tuple[float | None, float | None]:
     return sum(n for n, _ in batches) / len(batches), sum(m for _, m in batches) / len(batches)
 
 
-def measure_row(server: TorchServe, args: argparse.Namespace, mode: str, cpus: dict[str, set[int] | None],
+def load_window(csv_prefix: Path, model: str) -> tuple[float, float]:
+    """Unix times of the seconds in which Locust sent load, trimmed by a second at each end (ramp, stop)."""
+    busy = [t for t, rate in rates(history(csv_prefix, EXAMPLES, model)) if rate > 0]
+    return (busy[0] + 1, busy[-1] - 1) if busy else (0.0, 0.0)
+
+
+def measure_row(server: TorchServe, args: argparse.Namespace, mode: str, cores: Placement,
                 variant: str, batch_size: int) -> dict[str, Any]:
     """One table row; the model is unregistered again whatever happens, so the next row starts clean."""
     name = model_name(variant)
     archive_path = args.model_store / f"{name}.mar"
     label = f"{mode}-{variant}-b{batch_size}"
     print(f"[{label}] registering {archive_path.name}", flush=True)
-    register(server, name, batch_size, args.max_batch_delay)
+    register(server, name, batch_size, args.max_batch_delay, args.model_workers)
     try:
-        pin(server.processes(), cpus["server"])  # the new worker inherited the frontend's mask; make sure
-        placement = affinities(server.processes())
-        print(f"[{label}] ceilings on cores {format_cpus(cpus['server'])}", flush=True)
-        limits = ceiling(archive_path, batch_size, read_archive(archive_path).threads,
-                         cpus["server"] if mode == "split" else None, args.ceiling_seconds, args.data_dir,
-                         args.image_pool)
+        frontend, *workers = server.processes()
+        pin([frontend], cores.frontend)  # workers forked since inherited the frontend's mask: pin them after it
+        pin(workers, cores.workers)
+        affinity = affinities(server.processes())
+        ceiling_cpus = cores.workers if cores.locust is not None else None
+        print(f"[{label}] ceilings on cores {format_cpus(ceiling_cpus or cores.workers)}", flush=True)
+        # the model sees batch size x images per request images per call: the ceilings run at that batch
+        limits = ceiling(archive_path, batch_size * args.images_per_request, read_archive(archive_path).threads,
+                         ceiling_cpus,
+                         args.ceiling_seconds, args.data_dir, args.image_pool)
         spec = LoadSpec(host=server.inference_url, management=server.management_url,
                         grpc_target=server.grpc_inference_target, key_file=server.workdir / "key_file.json",
                         model=name, images_per_request=args.images_per_request, users=args.users,
-                        spawn_rate=args.spawn_rate, run_time_s=args.run_time, locust_cpus=cpus["locust"],
+                        spawn_rate=args.spawn_rate, run_time_s=args.run_time, locust_cpus=cores.locust,
                         data_dir=args.data_dir, image_pool=args.image_pool)
         warm_up(spec, server.keys["inference"])
         log_start = len(server.log_text())
-        pinning = ({"server": format_cpus(cpus["server"]), "locust": format_cpus(cpus["locust"])}
-                   if mode == "split" else None)
         print(f"[{label}] load test: {args.users} users, {args.run_time} s", flush=True)
-        run = load_test(spec, args.output_dir / label, args.model_store, f"python -m loadtest sweep ({label})",
-                        pinning, warm=False)
+        with CpuMeter(frontend, workers) as meter:
+            run = load_test(spec, args.output_dir / label, args.model_store, f"python -m loadtest sweep ({label})",
+                            cores.report(), warm=False)
         batch_requests, batch_images = mean_batch(server.log_text()[log_start:])
     finally:
         unregister(server, name)
-    row = {"pinning_mode": mode, "affinity": placement, "run": run, "ceiling": limits,
+    row = {"pinning_mode": mode, "affinity": affinity, "run": run, "ceiling": limits,
            "mean_batch_requests": batch_requests, "mean_batch_images": batch_images,
+           "cpu_cores": meter.cores(*load_window(Path(run["csv_prefix"]), name)),
            "served_over_model": run["examples_per_s"] / limits["model_images_per_s"],
            "served_over_pipeline": run["examples_per_s"] / limits["pipeline_images_per_s"]}
     print(f"[{label}] {run['examples_per_s']:.1f} examples/s, p99 {run['latency_ms']['p99']} ms, "
           f"{run['failures']} failures, served/pipeline {row['served_over_pipeline']:.0%}, "
-          f"served/model {row['served_over_model']:.0%}", flush=True)
+          f"served/model {row['served_over_model']:.0%}, cores busy {row['cpu_cores']}", flush=True)
     return row
 
 
@@ -128,14 +156,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8], help="default: 1 8")
     parser.add_argument("--max-batch-delay", type=int, default=10, help="ms (default: 10)")
-    parser.add_argument("--pinning", nargs="+", choices=("split", "none"), default=["split", "none"],
-                        help="split: server and Locust on separate cores; none: shared (default: both)")
+    parser.add_argument("--model-workers", type=int, default=1,
+                        help="worker processes per model, all on the workers' cores (default: 1); a second worker "
+                             "computes while the first waits for the frontend's round trip")
+    parser.add_argument("--pinning", nargs="+", choices=PINNING_MODES, default=list(PINNING_MODES),
+                        help="; ".join(f"{mode}: {text}" for mode, text in PINNING_MODES.items())
+                             + " (default: all three)")
     server_default, locust_default = default_split() if (os.cpu_count() or 1) > 1 else (set(), set())
     parser.add_argument("--server-cpus", type=parse_cpus, default=server_default,
-                        help="cores of the server and of the ceilings when split "
+                        help="cores of the workers and of the ceilings when pinned "
                              f"(default: {format_cpus(server_default)})")
     parser.add_argument("--locust-cpus", type=parse_cpus, default=locust_default,
-                        help=f"cores of Locust when split (default: {format_cpus(locust_default)})")
+                        help=f"cores of Locust when pinned (default: {format_cpus(locust_default)})")
     parser.add_argument("--ceiling-seconds", type=float, default=10.0, help="timed seconds per ceiling (default: 10)")
     parser.add_argument("--port-base", type=int, default=18200,
                         help="the sweep's TorchServe listens on this port and the next four (default: 18200)")
@@ -156,11 +188,8 @@ def main(argv: list[str]) -> int:
     if missing:
         parser.error(f"{', '.join(missing)} not in {args.model_store}: run `python -m export` first")
     check_data_dir(parser, args.data_dir)
-    if "split" in args.pinning and (not args.server_cpus or not args.locust_cpus):
-        parser.error("--pinning split needs at least two cores (--server-cpus and --locust-cpus)")
-    everything = os.sched_getaffinity(0)
-    placements = {"split": {"server": args.server_cpus, "locust": args.locust_cpus},
-                  "none": {"server": everything, "locust": None}}
+    if set(args.pinning) - {"none"} and (not args.server_cpus or not args.locust_cpus):
+        parser.error("pinning needs at least two cores (--server-cpus and --locust-cpus)")
     host_machine, started = machine(), datetime.now().astimezone().isoformat(timespec="seconds")
     server = TorchServe(workdir=args.output_dir / "torchserve", model_store=args.model_store,
                         overrides=free_port_overrides(args.port_base) | {"load_models": ""}, enable_model_api=True)
@@ -170,14 +199,15 @@ def main(argv: list[str]) -> int:
         for mode in args.pinning:
             for variant in args.variants:
                 for batch_size in args.batch_sizes:
-                    rows.append(measure_row(server, args, mode, placements[mode], variant, batch_size))
+                    rows.append(measure_row(server, args, mode, placement(mode, args.server_cpus, args.locust_cpus),
+                                            variant, batch_size))
     finally:
         server.stop()
     command = shlex.join(["python", "-m", "loadtest", "sweep", *argv])
     sweep = {
         "date": started, "machine": host_machine, "command": command,
         "reproduce": ["python -m export    # model_store/cifar10_<variant>.mar, see docs/EXPORT.md", command],
-        "split": {"server": format_cpus(args.server_cpus), "locust": format_cpus(args.locust_cpus)},
+        "cores": {"server": format_cpus(args.server_cpus), "locust": format_cpus(args.locust_cpus)},
         "server_note": f"model API enabled, ports {args.port_base}-{args.port_base + 4}",
         "users": args.users, "images_per_request": args.images_per_request, "run_time_s": args.run_time,
         "image_pool": args.image_pool, "target_variant": TARGET_VARIANT,

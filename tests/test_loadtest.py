@@ -7,18 +7,25 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from handlers.server import TorchServe
+from loadtest.affinity import placement
 from loadtest.archive import read_archive
 from loadtest.check import answer_error
+from loadtest.cpu_usage import CpuMeter
 from loadtest.entries import EXAMPLES
 from loadtest.locust_csv import history, rates, run_stats
 from loadtest.report import benchmarks_markdown, machine, run_markdown
 from loadtest.run import LoadSpec, load_test
-from loadtest.sweep import mean_batch
+from loadtest.sweep import load_window, mean_batch
 from training.model import CLASSES
 
 
@@ -127,27 +134,33 @@ def test_summary_and_benchmark_reports(tmp_path: Path) -> None:
     server = {"batch_size": 8, "max_batch_delay": 10, "threads": 1, "workers": [{"pid": 1, "status": "READY"}]}
     summary = {"date": "2026-01-01T00:00:00+00:00", "command": "python -m loadtest", "model": "cifar10",
                "variant": "onnx_int8_static", "server": server, "protocol": "rest", "images_per_request": 2,
-               "users": 4, "spawn_rate": 4, "run_time_s": 2, "locust_workers": 0, "pinning": {"locust": "0"},
+               "users": 4, "spawn_rate": 4, "run_time_s": 2, "locust_workers": 0,
+               "pinning": {"frontend": "0", "workers": "1", "locust": "0"},
                "csv_prefix": str(prefix), "machine": machine(), **stats}
     markdown = run_markdown(summary)
     assert "| examples/s | 40.0 (80 examples) |" in markdown
     assert "| latency p50 / p90 / p99 (ms) | 20 / 30 / 90 |" in markdown
     assert "| failures | 1 of 40 requests |" in markdown and "HTTP 503: busy" in markdown
-    assert "batch size 8, max batch delay 10 ms" in markdown and "Locust on cores 0" in markdown
+    assert "batch size 8, max batch delay 10 ms" in markdown
+    assert "frontend on cores 0, model workers on cores 1, Locust on cores 0" in markdown
     json.dumps(summary)  # summary.json must be writable as is
 
-    row = {"pinning_mode": "split", "affinity": {}, "run": summary, "mean_batch_requests": 4.0,
-           "mean_batch_images": 8.0, "ceiling": {"model_images_per_s": 50.0, "pipeline_images_per_s": 44.0},
+    row = {"pinning_mode": "worker", "affinity": {}, "run": summary, "mean_batch_requests": 4.0,
+           "mean_batch_images": 8.0, "cpu_cores": {"frontend": 0.3, "workers": 0.95, "other": 0.5, "seconds": 18.0}, "ceiling": {"model_images_per_s": 50.0, "pipeline_images_per_s": 44.0},
            "served_over_model": 0.8, "served_over_pipeline": 40.0 / 44.0}
     sweep = {"date": summary["date"], "machine": summary["machine"], "reproduce": ["python -m loadtest sweep"],
-             "split": {"server": "1", "locust": "0"}, "server_note": "ports 18200-18204", "users": 4,
+             "cores": {"server": "1", "locust": "0"}, "server_note": "ports 18200-18204", "users": 4,
              "images_per_request": 2, "run_time_s": 2, "image_pool": 256, "target_variant": "onnx_int8_static",
              "output_dir": "build/loadtest/sweep", "rows": [row]}
     benchmarks = benchmarks_markdown(sweep)
-    assert "| split | onnx_int8_static | 8 | 10 | 4 | 40.0 | 20 | 30 | 90 | 1/40 | 8.0 | 50.0 | 80% | 44.0 | 91% |" \
-        in benchmarks
+    assert ("| worker | onnx_int8_static | 8 | 10 | 4 | 40.0 | 20 | 30 | 90 | 1/40 | 8.0 | 0.30/0.95/0.50 | 50.0 | 80% "
+            "| 44.0 | 91% |") in benchmarks
     assert "served/pipeline 91% (served/model 80%), p99 90 ms, 1 failed requests: **not met**" in benchmarks
     assert "costs 2.73 ms per image beside the model's 20.00 ms" in benchmarks
+    assert "Cores busy: frontend 0.30, worker 0.95, everything else 0.50." in benchmarks
+    # 0.95 cores for 40 images/s is 23.75 ms per image, against 1000/44 = 22.73 ms in process
+    assert "23.75 ms of CPU per served image against 22.73 ms" in benchmarks and "+1.02 ms" in benchmarks
+    assert "With its core to itself, the worker sat idle 5% of the time." in benchmarks
     assert "python -m loadtest sweep" in benchmarks
 
 
@@ -156,3 +169,41 @@ def test_mean_batch_from_worker_log() -> None:
            "2026-01-01 INFO batch of 1 request(s), 2 image(s), 0 rejected\n")
     assert mean_batch(log) == (2.0, 4.0)
     assert mean_batch("nothing batched") == (None, None)
+
+
+def test_pinning_modes_place_each_side() -> None:
+    split = placement("split", {1}, {0})
+    assert (split.frontend, split.workers, split.locust) == ({1}, {1}, {0})
+    worker = placement("worker", {1}, {0})
+    assert (worker.frontend, worker.workers, worker.locust) == ({0}, {1}, {0})
+    assert worker.report() == {"frontend": "0", "workers": "1", "locust": "0"}
+    shared = placement("none", {1}, {0})
+    assert shared.frontend == shared.workers == os.sched_getaffinity(0) and shared.report() is None
+    with pytest.raises(ValueError, match="unknown pinning mode"):
+        placement("diagonal", {1}, {0})
+
+
+def test_cpu_meter_attributes_a_busy_worker() -> None:
+    """A child that burns one CPU-second, counted as the worker, shows up as the worker's, not the frontend's."""
+    burn = "import time\nwhile time.process_time() < 1.0: pass"
+    spinner = subprocess.Popen([sys.executable, "-c", burn])
+    try:
+        with CpuMeter(psutil.Process(), [psutil.Process(spinner.pid)], interval=0.1) as meter:
+            spinner.wait(timeout=300)
+            time.sleep(0.3)  # a sample or two after it exited: its CPU time must not vanish with it
+    finally:
+        spinner.kill()
+    first, last = meter.samples[0], meter.samples[-1]
+    assert 0.8 <= last.workers - first.workers <= 1.5
+    cores = meter.cores(first.t, last.t)
+    assert cores is not None and cores["workers"] > cores["frontend"]
+    assert cores["frontend"] + cores["workers"] + cores["other"] <= os.cpu_count() + 0.1
+    assert meter.cores(last.t + 1, last.t + 2) is None  # no samples there
+
+
+def test_load_window_is_the_steady_part_of_the_run(tmp_path: Path) -> None:
+    """Seconds 101-104 carry load (Locust's cumulative counts rise); the window drops the first and last."""
+    rows = [HISTORY_HEADER] + [f"{t},4,{EXAMPLES},cifar10,0,0,{','.join(['20'] * 11)},{count},0,20,22,10,90,0"
+                               for t, count in ((100, 0), (101, 10), (102, 30), (103, 50), (104, 70), (105, 70))]
+    Path(f"{tmp_path / 'locust'}_stats_history.csv").write_text("\n".join(rows + [""]))
+    assert load_window(tmp_path / "locust", "cifar10") == (102.0, 103.0)
