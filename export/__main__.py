@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime
+import psutil
 import torch
 from onnxruntime.quantization import CalibrationMethod
 from torch import nn
@@ -183,12 +184,13 @@ def pack(artifacts: dict[str, tuple[Path, Path]], classes: list[str], args: argp
 
 
 def run_report(argv: list[str], args: argparse.Namespace, common: dict[str, Any], reference: Reference,
-               rows: list[dict[str, Any]], load_average: list[float]) -> dict[str, Any]:
+               rows: list[dict[str, Any]], load_average: list[float], busy_percent: float) -> dict[str, Any]:
     """Everything docs/EXPORT.md and docs/export.json state about this run, except the archives and duration."""
     return {
         "command": shlex.join(["python", "-m", "export", *argv]),
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
         "threads": args.threads, "cpu": cpu_name(), "cpu_count": os.cpu_count(), "load_average": load_average,
+        "cpu_busy_percent_at_start": busy_percent,
         "versions": f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, onnx {onnx.__version__}",
         "checkpoint": args.checkpoint, "checkpoint_sha256": common["checkpoint_sha256"],
         "checkpoint_test_accuracy": common["checkpoint_test_accuracy"],
@@ -214,6 +216,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--default-variant {args.default_variant} is not among --variants {' '.join(variants)}")
     if not Path(args.handler).is_file():
         parser.error(f"handler {args.handler} not found (run from the repository root or pass --handler)")
+    # what else uses the CPU right now (the load average lags by minutes, so it is only reported)
+    busy_percent = psutil.cpu_percent(interval=1.0)
     started, load_average = time.perf_counter(), [round(load, 2) for load in os.getloadavg()]
     torch.set_num_threads(args.threads)
     output_dir = Path(args.output_dir)
@@ -243,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         artifacts[variant] = (path, sidecar)
         rows.append(row)
 
-    report = run_report(argv, args, common, reference, rows, load_average)
+    report = run_report(argv, args, common, reference, rows, load_average, busy_percent)
     if busy_warning(report):
         print(f"warning: {busy_warning(report)}", flush=True)
     rejected = [row for row in rows if row["status"] == "rejected"]

@@ -6,6 +6,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+BUSY_PERCENT = 25.0  # other work above this share of all cores makes the timings unreliable
+
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("variant", "variant"), ("file", "file"), ("size_mb", "size MB"), ("accuracy", "accuracy %"),
     ("top1_agreement", "agreement %"), ("max_abs_diff", "max abs diff"), ("latency_b1_ms", "latency b1 ms"),
@@ -59,11 +61,11 @@ def speedup_notes(rows: list[dict[str, Any]]) -> list[str]:
 
 def busy_warning(report: dict[str, Any]) -> str | None:
     """Other work on the CPU makes thread pools wait on each other, which can slow runs by 10-100x."""
-    load = report["load_average"][0]
-    if load < 1.0:
+    busy = report["cpu_busy_percent_at_start"]
+    if busy < BUSY_PERCENT:
         return None
-    return (f"the CPU was busy when the export started (1-minute load average {load:g} on {report['cpu_count']} "
-            "cores): latency and throughput are unreliable; rerun on an idle machine.")
+    return (f"the CPU was {busy:.0f}% busy with other work in the second before the export started "
+            f"({report['cpu_count']} cores): latency and throughput are unreliable; rerun on an idle machine.")
 
 
 def recorded_accuracy(report: dict[str, Any]) -> str:
@@ -86,7 +88,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{reference['test_images']} test images (recorded at training: {recorded_accuracy(report)})",
         f"- CPU: {report['cpu']}, {report['cpu_count']} logical cores; threads: {report['threads']} "
         f"(torch intra-op and onnxruntime intra_op_num_threads, for every row); "
-        f"load average at start: {report['load_average']}",
+        f"CPU busy with other work at start: {report['cpu_busy_percent_at_start']:.0f}%, load average "
+        f"{report['load_average']}",
         f"- Versions: {report['versions']}",
         f"- Whole export (exports, verification, timing, packing) took {report['export_seconds']:.0f} s",
         *([f"- **Warning**: {busy_warning(report)}"] if busy_warning(report) else []),
