@@ -24,13 +24,7 @@ from typing import Any
 
 import requests
 
-from handlers.server import (
-    REPO_ROOT,
-    SHIPPED_CONFIG,
-    bearer,
-    parse_properties,
-    read_key_file,
-)
+from handlers.server import REPO_ROOT, SHIPPED_CONFIG, bearer, parse_properties, read_key_file
 from loadtest.affinity import format_cpus, parse_cpus, preexec
 from loadtest.archive import read_archive
 from loadtest.entries import USER_CLASSES, request_entry

@@ -26,28 +26,13 @@ import requests
 
 from export.variants import VARIANTS, model_name
 from handlers.server import REPO_ROOT, TorchServe, bearer, free_port_overrides
-from loadtest.affinity import (
-    PINNING_MODES,
-    Placement,
-    affinities,
-    default_split,
-    format_cpus,
-    parse_cpus,
-    pin,
-    placement,
-)
+from loadtest.affinity import PINNING_MODES, Placement, affinities, default_split, format_cpus, parse_cpus, pin, placement
 from loadtest.archive import read_archive
 from loadtest.cpu_usage import CpuMeter
 from loadtest.entries import EXAMPLES
 from loadtest.locust_csv import history, rates
 from loadtest.report import benchmarks_markdown, machine, write_json
-from loadtest.run import (
-    LoadSpec,
-    add_load_arguments,
-    check_data_dir,
-    load_test,
-    warm_up,
-)
+from loadtest.run import LoadSpec, add_load_arguments, check_data_dir, load_test, warm_up
 
 TARGET_VARIANT = "onnx_int8_static"
 BATCH_LINE = re.compile(r"batch of (\d+) request\(s\), (\d+) image\(s\)")
@@ -115,8 +100,7 @@ def measure_row(server: TorchServe, args: argparse.Namespace, mode: str, cores: 
         print(f"[{label}] ceilings on cores {format_cpus(ceiling_cpus or cores.workers)}", flush=True)
         # the model sees batch size x images per request images per call: the ceilings run at that batch
         limits = ceiling(archive_path, batch_size * args.images_per_request, read_archive(archive_path).threads,
-                         ceiling_cpus,
-                         args.ceiling_seconds, args.data_dir, args.image_pool)
+                         ceiling_cpus, args.ceiling_seconds, args.data_dir, args.image_pool)
         spec = LoadSpec(host=server.inference_url, management=server.management_url,
                         grpc_target=server.grpc_inference_target, key_file=server.workdir / "key_file.json",
                         model=name, images_per_request=args.images_per_request, users=args.users,
@@ -157,8 +141,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8], help="default: 1 8")
     parser.add_argument("--max-batch-delay", type=int, default=10, help="ms (default: 10)")
     parser.add_argument("--model-workers", type=int, default=1,
-                        help="worker processes per model, all on the workers' cores (default: 1); a second worker "
-                             "computes while the first waits for the frontend's round trip")
+                        help="worker processes per model, all on the workers' cores (default: 1)")
     parser.add_argument("--pinning", nargs="+", choices=PINNING_MODES, default=list(PINNING_MODES),
                         help="; ".join(f"{mode}: {text}" for mode, text in PINNING_MODES.items())
                              + " (default: all three)")
