@@ -23,6 +23,7 @@ import requests
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_CONFIG = REPO_ROOT / "config.properties"
+LOG_CONFIG_FLAG = "-Dlog4j.configurationFile="
 
 
 def read_key_file(path: str | Path) -> dict[str, str]:
@@ -38,6 +39,20 @@ def bearer(key: str) -> dict[str, str]:
 def parse_properties(text: str) -> dict[str, str]:
     pairs = (line.split("=", 1) for line in text.splitlines() if "=" in line and not line.lstrip().startswith("#"))
     return {key.strip(): value.strip() for key, value in pairs}
+
+
+def anchored_vmargs(vmargs: str, base: Path) -> str:
+    """``vmargs`` with a relative log4j configuration made absolute against ``base`` (the config's directory).
+
+    The shipped config names log4j2.xml relative to the repository root, where the README starts the
+    server; an instance started from another working directory must still find it, or the JVM would
+    silently fall back to TorchServe's per-request DEBUG logging.
+    """
+    words = vmargs.split()
+    for i, word in enumerate(words):
+        if word.startswith(LOG_CONFIG_FLAG) and not Path(word.removeprefix(LOG_CONFIG_FLAG)).is_absolute():
+            words[i] = LOG_CONFIG_FLAG + str(base / word.removeprefix(LOG_CONFIG_FLAG))
+    return " ".join(words)
 
 
 @dataclass
@@ -61,6 +76,8 @@ class TorchServe:
         self.workdir = Path(self.workdir).resolve()
         self.model_store = Path(self.model_store).resolve()
         self.properties = parse_properties(self.config.read_text()) | {"model_store": str(self.model_store)} | self.overrides
+        if "vmargs" in self.properties:
+            self.properties["vmargs"] = anchored_vmargs(self.properties["vmargs"], self.config.resolve().parent)
 
     @property
     def inference_url(self) -> str:

@@ -10,7 +10,7 @@ import requests
 import torch
 from PIL import Image
 
-from handlers.server import REPO_ROOT, TorchServe, bearer
+from handlers.server import REPO_ROOT, TorchServe, anchored_vmargs, bearer
 from tests.conftest import MODEL_NAMES
 from training.checkpoint import load_checkpoint
 from training.data import load_split
@@ -200,3 +200,25 @@ def test_every_endpoint_listens_on_loopback_only(torchserve):
     for key in ("inference_address", "management_address", "metrics_address"):
         assert torchserve.properties[key].startswith("http://127.0.0.1:")
     assert torchserve.properties["grpc_inference_address"] == torchserve.properties["grpc_management_address"] == "127.0.0.1"
+
+
+def test_the_shipped_logging_config_logs_each_request_once_and_nothing_per_request_at_debug(torchserve, test_images):
+    """log4j2.xml (config.properties' vmargs) is in effect: TorchServe's built-in config would write ~10
+    DEBUG/INFO lines per prediction, three times each, on the thread that feeds the model worker."""
+    marker = "/predictions/cifar10_torchscript"
+    before = torchserve.log_text("access_log.log").count(marker)
+    predict_all(torchserve, "cifar10_torchscript", [body for body, _ in test_images[:4]])
+    assert torchserve.log_text("access_log.log").count(marker) - before == 4
+    ts_log = torchserve.log_text("ts_log.log")
+    assert "Inference API bind to" in ts_log  # start-up and model lifecycle stay at INFO
+    assert "[DEBUG]" not in ts_log and "Sending response for jobId" not in ts_log
+    assert "ACCESS_LOG" not in ts_log  # each logger writes its own file only
+
+
+def test_the_shipped_log_config_is_found_from_any_start_directory(tmp_path):
+    """config.properties names log4j2.xml relative to the repository root, where the README starts the server."""
+    assert TorchServe(workdir=tmp_path, model_store=tmp_path).properties["vmargs"] == \
+        f"-Dlog4j.configurationFile={REPO_ROOT / 'log4j2.xml'}"
+    assert (REPO_ROOT / "log4j2.xml").is_file()
+    absolute = "-Xmx2g -Dlog4j.configurationFile=/etc/torchserve/log4j2.xml"
+    assert anchored_vmargs(absolute, tmp_path) == absolute
