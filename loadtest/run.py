@@ -190,15 +190,16 @@ def bounded(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
-def add_load_arguments(parser: argparse.ArgumentParser) -> None:
-    """Load options shared with the sweep."""
+def add_load_arguments(parser: argparse.ArgumentParser, several_image_counts: bool = False) -> None:
+    """Load options shared with the sweep, which may take several images-per-request values (one row each)."""
     load = parser.add_argument_group("load")
     load.add_argument("--users", type=bounded(1, MAX_USERS), default=16,
                       help=f"concurrent closed-loop users, 1..{MAX_USERS} (default: 16)")
     load.add_argument("--spawn-rate", type=float, help="users started per second (default: all at once)")
     load.add_argument("--run-time", type=bounded(1, MAX_RUN_TIME_S), default=30,
                       help=f"seconds, 1..{MAX_RUN_TIME_S} (default: 30)")
-    load.add_argument("--images-per-request", type=bounded(1, 64), default=1,
+    load.add_argument("--images-per-request", type=bounded(1, 64), default=[1] if several_image_counts else 1,
+                      nargs="+" if several_image_counts else None,
                       help="images per request, sent as multipart fields when more than one (default: 1)")
     load.add_argument("--data-dir", default=default_data_dir(), help="directory holding cifar-10-batches-py "
                       "(default: $CIFAR10_ROOT or ./data)")

@@ -1,7 +1,9 @@
-"""Benchmark sweep: every variant x batch setting (x pinning mode) on one TorchServe, with its ceilings.
+"""Benchmark sweep: every variant x batch setting x images per request (x pinning mode) on one TorchServe,
+with its ceilings.
 
     python -m loadtest sweep                                   # docs/BENCHMARKS.md + docs/benchmarks.json
     python -m loadtest sweep --variants onnx_int8_static --batch-sizes 8 --pinning split --run-time 20
+    python -m loadtest sweep --batch-sizes 4 --images-per-request 8 --report-name benchmarks_multi_image
 
 Starts its own TorchServe (the shipped config, token auth on, model API enabled, nothing loaded at
 start, its own ports) so that it never disturbs a running server. For each row it registers the
@@ -83,12 +85,41 @@ def load_window(csv_prefix: Path, model: str) -> tuple[float, float]:
     return (busy[0] + 1, busy[-1] - 1) if busy else (0.0, 0.0)
 
 
+def load_spec(server: TorchServe, args: argparse.Namespace, name: str, images_per_request: int, seconds: int,
+              locust_cpus: set[int] | None) -> LoadSpec:
+    return LoadSpec(host=server.inference_url, management=server.management_url,
+                    grpc_target=server.grpc_inference_target, key_file=server.workdir / "key_file.json",
+                    model=name, images_per_request=images_per_request, users=args.users,
+                    spawn_rate=args.spawn_rate, run_time_s=seconds, locust_cpus=locust_cpus,
+                    data_dir=args.data_dir, image_pool=args.image_pool)
+
+
+def warm_frontend(server: TorchServe, args: argparse.Namespace) -> None:
+    """Load the fresh server for --frontend-warm-up seconds before the first row, unpinned.
+
+    The frontend is a JVM: under load its JIT compiler keeps a core ~15% busy for the first ~40 s
+    (measured per thread from /proc), on the cores the rows measure. The JIT's work is per
+    server, not per model, so one warm-up serves every row.
+    """
+    variant = TARGET_VARIANT if TARGET_VARIANT in args.variants else args.variants[0]
+    name = model_name(variant)
+    seconds = max(1, args.frontend_warm_up // len(args.images_per_request))  # raw bodies and multipart: both paths
+    register(server, name, max(args.batch_sizes), args.max_batch_delay, 1)
+    try:
+        for images in args.images_per_request:
+            print(f"[frontend warm-up] {seconds} s of load on {name}, {images} image(s) per request", flush=True)
+            load_test(load_spec(server, args, name, images, seconds, None), args.output_dir / f"frontend-warm-up-i{images}",
+                      args.model_store, "python -m loadtest sweep (frontend warm-up)")
+    finally:
+        unregister(server, name)
+
+
 def measure_row(server: TorchServe, args: argparse.Namespace, mode: str, cores: Placement,
-                variant: str, batch_size: int) -> dict[str, Any]:
+                variant: str, batch_size: int, images_per_request: int) -> dict[str, Any]:
     """One table row; the model is unregistered again whatever happens, so the next row starts clean."""
     name = model_name(variant)
     archive_path = args.model_store / f"{name}.mar"
-    label = f"{mode}-{variant}-b{batch_size}"
+    label = f"{mode}-{variant}-b{batch_size}" + (f"-i{images_per_request}" if images_per_request > 1 else "")
     print(f"[{label}] registering {archive_path.name}", flush=True)
     register(server, name, batch_size, args.max_batch_delay, args.model_workers)
     try:
@@ -99,13 +130,9 @@ def measure_row(server: TorchServe, args: argparse.Namespace, mode: str, cores: 
         ceiling_cpus = cores.workers if cores.locust is not None else None
         print(f"[{label}] ceilings on cores {format_cpus(ceiling_cpus or cores.workers)}", flush=True)
         # the model sees batch size x images per request images per call: the ceilings run at that batch
-        limits = ceiling(archive_path, batch_size * args.images_per_request, read_archive(archive_path).threads,
+        limits = ceiling(archive_path, batch_size * images_per_request, read_archive(archive_path).threads,
                          ceiling_cpus, args.ceiling_seconds, args.data_dir, args.image_pool)
-        spec = LoadSpec(host=server.inference_url, management=server.management_url,
-                        grpc_target=server.grpc_inference_target, key_file=server.workdir / "key_file.json",
-                        model=name, images_per_request=args.images_per_request, users=args.users,
-                        spawn_rate=args.spawn_rate, run_time_s=args.run_time, locust_cpus=cores.locust,
-                        data_dir=args.data_dir, image_pool=args.image_pool)
+        spec = load_spec(server, args, name, images_per_request, args.run_time, cores.locust)
         warm_up(spec, server.keys["inference"])
         log_start = len(server.log_text())
         print(f"[{label}] load test: {args.users} users, {args.run_time} s", flush=True)
@@ -152,14 +179,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--locust-cpus", type=parse_cpus, default=locust_default,
                         help=f"cores of Locust when pinned (default: {format_cpus(locust_default)})")
     parser.add_argument("--ceiling-seconds", type=float, default=10.0, help="timed seconds per ceiling (default: 10)")
+    parser.add_argument("--frontend-warm-up", type=int, default=45,
+                        help="seconds of load on the fresh server before the first row, so that the frontend JVM's "
+                             "JIT compilation is over before anything is measured; 0 skips it (default: 45)")
     parser.add_argument("--port-base", type=int, default=18200,
                         help="the sweep's TorchServe listens on this port and the next four (default: 18200)")
-    add_load_arguments(parser)
+    add_load_arguments(parser, several_image_counts=True)
     parser.set_defaults(run_time=30)
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "build" / "loadtest" / "sweep",
                         help="per-row Locust CSV, summaries and plots (default: build/loadtest/sweep)")
     parser.add_argument("--docs-dir", type=Path, default=REPO_ROOT / "docs",
-                        help="BENCHMARKS.md and benchmarks.json go here (default: docs)")
+                        help="the report and its data go here (default: docs)")
+    parser.add_argument("--report-name", default="benchmarks",
+                        help="writes <DOCS_DIR>/<NAME>.json and <NAME in capitals>.md (default: benchmarks)")
     return parser
 
 
@@ -179,11 +211,14 @@ def main(argv: list[str]) -> int:
     server.start()
     rows = []
     try:
+        if args.frontend_warm_up:
+            warm_frontend(server, args)
         for mode in args.pinning:
             for variant in args.variants:
                 for batch_size in args.batch_sizes:
-                    rows.append(measure_row(server, args, mode, placement(mode, args.server_cpus, args.locust_cpus),
-                                            variant, batch_size))
+                    for images in args.images_per_request:
+                        rows.append(measure_row(server, args, mode, placement(mode, args.server_cpus, args.locust_cpus),
+                                                variant, batch_size, images))
     finally:
         server.stop()
     command = shlex.join(["python", "-m", "loadtest", "sweep", *argv])
@@ -192,12 +227,14 @@ def main(argv: list[str]) -> int:
         "reproduce": ["python -m export    # model_store/cifar10_<variant>.mar, see docs/EXPORT.md", command],
         "cores": {"server": format_cpus(args.server_cpus), "locust": format_cpus(args.locust_cpus)},
         "server_note": f"model API enabled, ports {args.port_base}-{args.port_base + 4}",
-        "users": args.users, "images_per_request": args.images_per_request, "run_time_s": args.run_time,
+        "frontend_warm_up_s": args.frontend_warm_up, "model_workers": args.model_workers, "users": args.users,
+        "images_per_request": args.images_per_request, "run_time_s": args.run_time,
         "image_pool": args.image_pool, "target_variant": TARGET_VARIANT,
         "output_dir": str(shown_path(args.output_dir)), "rows": rows,
     }
     args.docs_dir.mkdir(parents=True, exist_ok=True)
-    write_json(args.docs_dir / "benchmarks.json", sweep)
-    (args.docs_dir / "BENCHMARKS.md").write_text(benchmarks_markdown(sweep))
-    print(f"written {args.docs_dir / 'BENCHMARKS.md'} and {args.docs_dir / 'benchmarks.json'}")
+    data, report = args.docs_dir / f"{args.report_name}.json", args.docs_dir / f"{args.report_name.upper()}.md"
+    write_json(data, sweep)
+    report.write_text(benchmarks_markdown(sweep, data.name))
+    print(f"written {report} and {data}")
     return 1 if any(row["run"]["failures"] for row in rows) else 0
