@@ -195,6 +195,7 @@ def finalize(model: nn.Module, history: list[dict], recipe: dict, test_loader: D
         epochs=len(history), recipe=recipe, train_wall_seconds=round(train_seconds, 1),
         train_images_per_sec=round(sum(r["train_images_per_sec"] for r in history) / len(history), 1),
         test_images=len(test_loader.dataset),
+        device=f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu",
     )
     save_checkpoint(path, model, metadata, half=half)
     saved_model, _ = load_checkpoint(path)
