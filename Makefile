@@ -50,7 +50,7 @@ test-fast: venv grpc
 loadtest: venv
 	$(PY) -m loadtest
 
-# The two sweeps of docs/BENCHMARKS.md and docs/BENCHMARKS_MULTI_IMAGE.md (about 25 and 10 minutes).
+# The two sweeps of docs/BENCHMARKS.md and docs/BENCHMARKS_MULTI_IMAGE.md (about 28 and 11 minutes).
 sweep: venv model-store
 	$(PY) -m loadtest sweep --batch-sizes 1 8 16 --pinning worker none --users 32 --run-time 20 --ceiling-seconds 5
 	$(PY) -m loadtest sweep --batch-sizes 1 4 --images-per-request 8 --pinning worker none --users 16 --run-time 20 \
