@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -72,14 +73,19 @@ class _Context:
         return None
 
 
-def load_handler(model_dir: Path, archive: Archive, batch_size: int) -> Any:
-    """The archive's handler module, initialised as a worker would initialise it."""
-    spec = importlib.util.spec_from_file_location("archived_handler", model_dir / archive.handler_file)
+def import_handler(path: Path, module_name: str) -> ModuleType:
+    """A handler file imported as a module of its own name, with its own ``_service``, as in a worker process."""
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
-    context = _Context(model_dir, archive, batch_size)
-    module._service.initialize(context)
+    return module
+
+
+def load_handler(model_dir: Path, archive: Archive, batch_size: int) -> Any:
+    """The archive's handler module, initialised as a worker would initialise it."""
+    module = import_handler(model_dir / archive.handler_file, "archived_handler")
+    module._service.initialize(_Context(model_dir, archive, batch_size))
     return module._service
 
 

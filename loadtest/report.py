@@ -93,11 +93,6 @@ def write_json(path: Path, data: Any) -> Path:
     return path
 
 
-def _counts(values: int | list[int]) -> str:
-    """``1``, or ``1 or 8`` for a sweep over several images-per-request values."""
-    return " or ".join(map(str, values)) if isinstance(values, list) else str(values)
-
-
 def _ratio(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.0f}%"
 
@@ -188,15 +183,15 @@ def benchmarks_markdown(sweep: dict[str, Any], data_file: str = "benchmarks.json
         "",
         f"- One TorchServe (the shipped config.properties: token auth on, {sweep['server_note']}) started empty; "
         "for each row the variant's archive from the model store is registered through the management API "
-        f"with the row's batch size and max batch delay ({sweep.get('model_workers', 1)} worker(s), the archive's "
+        f"with the row's batch size and max batch delay ({sweep['model_workers']} worker(s), the archive's "
         "`handler.threads` intra-op threads), warmed up, load-tested, then unregistered. The frontend logs "
         "through the shipped `log4j2.xml` (one access-log line per request; TorchServe's built-in config "
         "writes ~10 DEBUG/INFO lines per prediction on the thread that feeds the worker).",
-        f"- Frontend warm-up: before the first row the fresh server is loaded for {sweep.get('frontend_warm_up_s', 0)} s "
+        f"- Frontend warm-up: before the first row the fresh server is loaded for {sweep['frontend_warm_up_s']} s "
         "(split over the images-per-request values), because the JVM's JIT compiler keeps a core ~15% busy for "
         "about the first 40 s under load; a row measured during it loses up to ~10% of its throughput.",
         f"- Load: Locust (`loadtest/locustfile.py`, `RestUser`), {sweep['users']} closed-loop users, "
-        f"{_counts(sweep['images_per_request'])} real CIFAR-10 test PNG(s) per request (the images/request column; "
+        f"{' or '.join(map(str, sweep['images_per_request']))} real CIFAR-10 test PNG(s) per request (the images/request column; "
         "several are sent as multipart fields, one model row each) cycled from a pool of "
         f"{sweep['image_pool']}, {sweep['run_time_s']} s per row after a concurrent warm-up. Every answer is "
         "checked (label, 10 probabilities summing to 1); a wrong answer is a failure. Throughput is "

@@ -214,11 +214,11 @@ def main(argv: list[str]) -> int:
         if args.frontend_warm_up:
             warm_frontend(server, args)
         for mode in args.pinning:
+            cores = placement(mode, args.server_cpus, args.locust_cpus)
             for variant in args.variants:
                 for batch_size in args.batch_sizes:
                     for images in args.images_per_request:
-                        rows.append(measure_row(server, args, mode, placement(mode, args.server_cpus, args.locust_cpus),
-                                                variant, batch_size, images))
+                        rows.append(measure_row(server, args, mode, cores, variant, batch_size, images))
     finally:
         server.stop()
     command = shlex.join(["python", "-m", "loadtest", "sweep", *argv])

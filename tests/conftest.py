@@ -12,6 +12,7 @@ from handlers.server import REPO_ROOT, TorchServe, free_port_overrides
 
 # Every archive `python -m export` writes; the serving tests need all of them.
 MODEL_NAMES = ("cifar10", "cifar10_torchscript", "cifar10_onnx", "cifar10_onnx_int8_dynamic", "cifar10_onnx_int8_static")
+RELEASE_CHECKPOINT = REPO_ROOT / "training" / "release" / "resnet18_cifar10.pt"
 
 
 def _data_root() -> Path:

@@ -9,11 +9,9 @@ worker process builds it, and compared with the same handler on the CPU.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -22,25 +20,17 @@ import torch
 from export.convert import export_onnx, export_torchscript
 from export.metadata import base_metadata, write_sidecar
 from handlers.server import REPO_ROOT
+from loadtest.ceiling import import_handler
 from loadtest.images import test_images as png_pool
+from tests.conftest import RELEASE_CHECKPOINT
 from training import train as train_cli
 from training.checkpoint import load_checkpoint
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-RELEASE_CHECKPOINT = REPO_ROOT / "training" / "release" / "resnet18_cifar10.pt"
 HANDLER_FILE = REPO_ROOT / "handlers" / "cifar10_handler.py"
 IMAGES = 1024
 BATCH = 64
-
-
-def fresh_handler_module() -> ModuleType:
-    """A private copy of the handler module: each worker process has its own ``_service``."""
-    spec = importlib.util.spec_from_file_location(f"cifar10_handler_{len(sys.modules)}", HANDLER_FILE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def start_worker(model_dir: Path, serialized_file: str, gpu_id: int | None) -> Any:
@@ -50,7 +40,7 @@ def start_worker(model_dir: Path, serialized_file: str, gpu_id: int | None) -> A
     manifest = {"model": {"modelName": "cifar10", "serializedFile": serialized_file, "handler": HANDLER_FILE.name}}
     context = Context("cifar10", str(model_dir), manifest, BATCH, gpu_id, "0.12.0",
                       model_yaml_config={"handler": {"threads": 1}})
-    service = fresh_handler_module()._service
+    service = import_handler(HANDLER_FILE, f"cifar10_handler_{len(sys.modules)}")._service  # one per worker
     service.initialize(context)
     return service
 

@@ -11,12 +11,11 @@ import torch
 from PIL import Image
 
 from handlers.server import REPO_ROOT, TorchServe, anchored_vmargs, bearer
-from tests.conftest import MODEL_NAMES
+from tests.conftest import MODEL_NAMES, RELEASE_CHECKPOINT
 from training.checkpoint import load_checkpoint
 from training.data import load_split
 from training.model import CLASSES
 
-RELEASE_CHECKPOINT = REPO_ROOT / "training" / "release" / "resnet18_cifar10.pt"
 FP32_MODELS = ("cifar10_torchscript", "cifar10_onnx")
 
 
