@@ -13,6 +13,13 @@ from handlers.server import REPO_ROOT, TorchServe, free_port_overrides
 # Every archive `python -m export` writes; the serving tests need all of them.
 MODEL_NAMES = ("cifar10", "cifar10_torchscript", "cifar10_onnx", "cifar10_onnx_int8_dynamic", "cifar10_onnx_int8_static")
 RELEASE_CHECKPOINT = REPO_ROOT / "training" / "release" / "resnet18_cifar10.pt"
+# Shifts every test server's ports, so that two checkouts can run their suites side by side.
+PORT_OFFSET = int(os.environ.get("TEST_PORT_OFFSET", "0"))
+
+
+def ports_for(base: int) -> dict[str, str]:
+    """Loopback ports base..base+4 (plus TEST_PORT_OFFSET) for a test server."""
+    return free_port_overrides(base + PORT_OFFSET)
 
 
 def _data_root() -> Path:
@@ -51,7 +58,7 @@ def model_store(data_root: Path) -> Path:
 def torchserve(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> TorchServe:
     """TorchServe with the shipped production config (auth on, model API off) on test ports."""
     server = TorchServe(workdir=tmp_path_factory.mktemp("torchserve"), model_store=model_store,
-                        overrides=free_port_overrides(18080))
+                        overrides=ports_for(18080))
     server.start(wait_for=list(MODEL_NAMES))
     yield server
     server.stop()

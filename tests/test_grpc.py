@@ -24,7 +24,8 @@ import yaml
 
 from handlers import grpc_stubs
 from handlers.grpc_client import PredictionError, TorchServeGrpc
-from handlers.server import REPO_ROOT, TorchServe, bearer, free_port_overrides
+from handlers.server import REPO_ROOT, TorchServe, bearer
+from tests.conftest import ports_for
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 COPY = "cifar10_grpc_copy"  # a second registration of cifar10_onnx.mar, made and removed by the tests
@@ -70,7 +71,7 @@ def status_of(call: Callable[[], object]) -> grpc.RpcError:
 @pytest.fixture(scope="module")
 def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> TorchServe:
     server = TorchServe(workdir=tmp_path_factory.mktemp("torchserve-grpc"), model_store=model_store,
-                        overrides=free_port_overrides(18090), enable_model_api=True)
+                        overrides=ports_for(18090), enable_model_api=True)
     server.start(wait_for=served_models(model_store))
     yield server
     if server.process is not None:  # not already stopped by the last test
