@@ -8,7 +8,9 @@ set-default, unregister) without curl and JSON quoting.
 Token authorization is on in the shipped config, so every call carries
 ``authorization: Bearer <key>`` metadata: the *inference* key for the inference service (ping,
 predictions) and the *management* key for the management service. Both come from the
-``key_file.json`` TorchServe writes into the directory it was started from.
+``key_file.json`` TorchServe writes into the directory it was started from, and both expire: a
+call refused with PERMISSION_DENIED "Token Authorization failed" renews the key through the token
+API on the REST management address (``--management-url``) and is retried once (handlers.tokens).
 
     python -m handlers.grpc_client --key-file key_file.json list
     python -m handlers.grpc_client predict cifar10 cat.png dog.jpg
@@ -28,7 +30,10 @@ from typing import Any
 import grpc
 
 from handlers.grpc_stubs import load_stubs
-from handlers.server import read_key_file
+from handlers.tokens import REFUSAL_MESSAGE, KeyRing, Kind
+
+# config.properties' management address: where the token API renews expired keys.
+MANAGEMENT_URL = "http://127.0.0.1:8081"
 
 # config.properties' gRPC addresses: what a client on the serving host talks to by default.
 INFERENCE_TARGET = "127.0.0.1:7070"
@@ -59,27 +64,39 @@ class PredictionError(Exception):
 class TorchServeGrpc:
     """One channel per gRPC service plus the token metadata each service needs.
 
-    ``keys`` is ``{"inference": ..., "management": ...}`` (see :func:`read_key_file`);
-    ``None`` sends no token, which a server with token authorization refuses (PERMISSION_DENIED).
+    ``keys`` is a :class:`KeyRing` (keys that are renewed when they expire), a fixed
+    ``{"inference": ..., "management": ...}`` (used as given, refused once expired), or ``None``,
+    which sends no token and is refused by a server with token authorization (PERMISSION_DENIED).
     Channels are thread-safe and meant to be reused: create one client per process, not per call.
     """
 
     def __init__(self, inference_target: str = INFERENCE_TARGET, management_target: str = MANAGEMENT_TARGET,
-                 keys: dict[str, str] | None = None) -> None:
+                 keys: KeyRing | dict[str, str] | None = None) -> None:
         self.stubs = load_stubs()
         self.inference_target = inference_target
         self.management_target = management_target
-        self._metadata = {service: ((("authorization", f"Bearer {keys[service]}"),) if keys else ())
-                          for service in ("inference", "management")}
+        self.keys = keys
         self.inference_channel = grpc.insecure_channel(inference_target)
         self.management_channel = grpc.insecure_channel(management_target)
         self.inference = self.stubs.inference_pb2_grpc.InferenceAPIsServiceStub(self.inference_channel)
         self.management = self.stubs.management_pb2_grpc.ManagementAPIsServiceStub(self.management_channel)
 
     @classmethod
-    def from_key_file(cls, key_file: str | Path = "key_file.json", **targets: str) -> "TorchServeGrpc":
-        """A client with both tokens from ``key_file`` (the key_file.json in TorchServe's start directory)."""
-        return cls(keys=read_key_file(key_file), **targets)
+    def from_key_file(cls, key_file: str | Path = "key_file.json", management_url: str = MANAGEMENT_URL,
+                      **targets: str) -> "TorchServeGrpc":
+        """A client whose keys come from ``key_file`` (TorchServe's start directory) and are renewed
+        through the token API at ``management_url`` when they expire."""
+        return cls(keys=KeyRing(key_file, management_url), **targets)
+
+    def _call(self, kind: Kind, method: Any, request: Any, timeout: float) -> Any:
+        """``method(request)`` with the ``kind`` key; a refused key is renewed and the call retried once."""
+        key = self.keys[kind] if self.keys is not None else None
+        try:
+            return method(request, metadata=_metadata(key), timeout=timeout)
+        except grpc.RpcError as err:
+            if not (isinstance(self.keys, KeyRing) and key is not None and is_refusal(err)):
+                raise
+        return method(request, metadata=_metadata(self.keys.renew(kind, key)), timeout=timeout)
 
     # --- inference service (inference key) ---------------------------------------------------------
 
@@ -87,7 +104,7 @@ class TorchServeGrpc:
         """The server's health string, e.g. ``Healthy``."""
         from google.protobuf import empty_pb2
 
-        health = self.inference.Ping(empty_pb2.Empty(), metadata=self._metadata["inference"], timeout=timeout).health
+        health = self._call("inference", self.inference.Ping, empty_pb2.Empty(), timeout).health
         try:
             return json.loads(health)["status"]  # TorchServe sends '{"status": "Healthy"}'
         except (ValueError, KeyError, TypeError):
@@ -101,7 +118,7 @@ class TorchServeGrpc:
             inputs["topk"] = str(topk).encode()
         request = self.stubs.inference_pb2.PredictionsRequest(model_name=model, model_version=version or "",
                                                               input=inputs)
-        return self.inference.Predictions(request, metadata=self._metadata["inference"], timeout=timeout).prediction
+        return self._call("inference", self.inference.Predictions, request, timeout).prediction
 
     def predict(self, model: str, image: bytes, version: str | None = None, topk: int | None = None,
                 timeout: float = PREDICT_TIMEOUT) -> dict[str, Any]:
@@ -118,8 +135,7 @@ class TorchServeGrpc:
 
     def _manage(self, method: str, request_type: str, timeout: float = MANAGEMENT_TIMEOUT, **fields: Any) -> str:
         request = getattr(self.stubs.management_pb2, request_type)(**fields)
-        response = getattr(self.management, method)(request, metadata=self._metadata["management"], timeout=timeout)
-        return response.msg
+        return self._call("management", getattr(self.management, method), request, timeout).msg
 
     def list_models(self, limit: int = 100, next_page_token: int = 0) -> dict[str, Any]:
         """``{"models": [{"modelName", "modelUrl"}], "nextPageToken"?}``.
@@ -169,6 +185,16 @@ class TorchServeGrpc:
         self.close()
 
 
+def _metadata(key: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),) if key is not None else ()
+
+
+def is_refusal(error: grpc.RpcError) -> bool:
+    """TorchServe refusing the key (expired, wrong, missing), as opposed to refusing the call."""
+    return (error.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+            and REFUSAL_MESSAGE in (error.details() or ""))  # type: ignore[attr-defined]
+
+
 def describe_error(error: grpc.RpcError, target: str) -> str:
     """One line an operator can act on: the gRPC status, TorchServe's message, and a hint.
 
@@ -181,8 +207,9 @@ def describe_error(error: grpc.RpcError, target: str) -> str:
     if code == grpc.StatusCode.UNAVAILABLE:
         hint = "is TorchServe running and listening there?"
     elif "Token Authorization failed" in details:
-        hint = ("pass the key_file.json of the running server with --key-file: keys are regenerated on every "
-                "start, and the inference and management keys are not interchangeable")
+        hint = ("the key was refused even after renewing it: pass the key_file.json of the running server with "
+                "--key-file and its REST management address with --management-url (keys are new at every start "
+                "and expire after token_expiration_min; the inference and management keys are not interchangeable)")
     elif "Model API disabled" in details:
         hint = "the server must be started with --enable-model-api to register or unregister models"
     elif code == grpc.StatusCode.UNKNOWN and not details:
@@ -204,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="key_file.json written by TorchServe in its start directory (default: %(default)s)")
     parser.add_argument("--inference-target", default=INFERENCE_TARGET, help="host:port (default: %(default)s)")
     parser.add_argument("--management-target", default=MANAGEMENT_TARGET, help="host:port (default: %(default)s)")
+    parser.add_argument("--management-url", default=MANAGEMENT_URL,
+                        help="REST management address, whose token API renews expired keys (default: %(default)s)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     commands.add_parser("ping", help="server health (inference service)")
@@ -275,14 +304,14 @@ def run(client: TorchServeGrpc, args: argparse.Namespace) -> Any:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        keys = read_key_file(args.key_file)
+        keys = KeyRing(args.key_file, args.management_url)
     except FileNotFoundError:
         print(f"error: key file {args.key_file} not found: run from the directory where torchserve was started "
               "or pass --key-file", file=sys.stderr)
         return 2
     except (ValueError, KeyError, TypeError) as err:
-        print(f"error: {args.key_file} is not a TorchServe key file: expected JSON with inference.key and "
-              f"management.key ({type(err).__name__})", file=sys.stderr)
+        print(f"error: {args.key_file} is not a TorchServe key file: expected JSON with inference.key, "
+              f"management.key and API.key ({type(err).__name__})", file=sys.stderr)
         return 2
     target = args.inference_target if args.command in ("ping", "predict") else args.management_target
     try:

@@ -9,7 +9,6 @@ another instance (or stop the wrong one).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -21,19 +20,21 @@ from pathlib import Path
 import psutil
 import requests
 
+from handlers.tokens import KeyRing, Kind, bearer, read_key_file
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_CONFIG = REPO_ROOT / "config.properties"
 LOG_CONFIG_FLAG = "-Dlog4j.configurationFile="
+DEFAULT_HEALTH_BIND = "127.0.0.1:8083"
+HEALTH_PID_FILE = "health.pid"
 
 
-def read_key_file(path: str | Path) -> dict[str, str]:
-    """``{"inference": key, "management": key}`` from a key_file.json (TorchServe writes it in its start directory)."""
-    keys = json.loads(Path(path).read_text())
-    return {"inference": keys["inference"]["key"], "management": keys["management"]["key"]}
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
+def requests_status(url: str, timeout: float = 2.0) -> int | None:
+    """The HTTP status of GET ``url``, or None when nothing answers."""
+    try:
+        return requests.get(url, timeout=timeout).status_code
+    except requests.RequestException:
+        return None
 
 
 def parse_properties(text: str) -> dict[str, str]:
@@ -71,6 +72,7 @@ class TorchServe:
     config: Path = SHIPPED_CONFIG
     isolated: bool = True
     process: psutil.Process | None = None
+    _key_ring: KeyRing | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
@@ -100,8 +102,24 @@ class TorchServe:
         return f"{self.properties['grpc_management_address']}:{self.properties['grpc_management_port']}"
 
     @property
+    def key_file(self) -> Path:
+        return self.workdir / "key_file.json"
+
+    @property
     def keys(self) -> dict[str, str]:
-        return read_key_file(self.workdir / "key_file.json")
+        """The keys in key_file.json now (they change when a client renews an expired one)."""
+        return read_key_file(self.key_file)
+
+    @property
+    def key_ring(self) -> KeyRing:
+        """This instance's keys, renewed through the token API when TorchServe refuses them."""
+        if self._key_ring is None:
+            self._key_ring = KeyRing(self.key_file, self.management_url)
+        return self._key_ring
+
+    def call(self, kind: Kind, method: str, url: str, **kwargs) -> requests.Response:
+        """An HTTP call with the ``kind`` key that survives the key's expiry (see handlers.tokens)."""
+        return self.key_ring.request(kind, method, url, **kwargs)
 
     @property
     def tmpdir(self) -> Path:
@@ -126,11 +144,12 @@ class TorchServe:
     def start(self, wait_for: list[str] | None = None, timeout: float = 240.0) -> "TorchServe":
         """Start the server and wait until it answers and the named models have a ready worker."""
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
-        config = self.workdir / "logs" / "effective-config.properties"
+        config = self.effective_config
         config.write_text("".join(f"{k}={v}\n" for k, v in self.properties.items()))
         args = ["--start", "--ts-config", str(config), "--ncs"]
         if self.enable_model_api:
             args.append("--enable-model-api")
+        self._key_ring = None  # a new start writes new keys
         self.torchserve_cli(*args)
         pid_file = self.tmpdir / ".model_server.pid"
         deadline = time.monotonic() + timeout
@@ -164,7 +183,7 @@ class TorchServe:
                 time.sleep(0.5)
 
     def describe(self, model: str) -> dict:
-        response = requests.get(f"{self.management_url}/models/{model}", headers=bearer(self.keys["management"]), timeout=10)
+        response = self.call("management", "GET", f"{self.management_url}/models/{model}", timeout=10)
         response.raise_for_status()
         return response.json()[0]
 
@@ -177,8 +196,48 @@ class TorchServe:
             return []
         return [self.process, *self.process.children(recursive=True)]
 
+    @property
+    def effective_config(self) -> Path:
+        return self.workdir / "logs" / "effective-config.properties"
+
+    def start_health(self, bind: str = DEFAULT_HEALTH_BIND, timeout: float = 30.0) -> str:
+        """Start the secret-free /live and /ready server (handlers.health) for this instance; its URL.
+
+        Detached like TorchServe itself, so that it outlives the command that started it; its pid goes
+        beside the logs so that :meth:`stop_health` (and ``python -m handlers.server stop``) finds it.
+        """
+        self.stop_health()
+        logs = self.workdir / "logs"
+        with open(logs / "health.log", "a") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "handlers.health", "serve", "--bind", bind, "--workdir", str(self.workdir),
+                 "--config", str(self.effective_config)],
+                cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        (logs / HEALTH_PID_FILE).write_text(str(process.pid))
+        url = f"http://{bind}"
+        deadline = time.monotonic() + timeout
+        while requests_status(f"{url}/live") is None:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"health server did not start; see {logs / 'health.log'}")
+            time.sleep(0.2)
+        return url
+
+    def stop_health(self) -> None:
+        pid_file = self.workdir / "logs" / HEALTH_PID_FILE
+        if not pid_file.exists():
+            return
+        try:
+            process = psutil.Process(int(pid_file.read_text()))
+            if "handlers.health" in process.cmdline():  # not a recycled pid
+                process.terminate()
+                process.wait(timeout=10)
+        except (psutil.NoSuchProcess, ValueError):
+            pass
+        pid_file.unlink(missing_ok=True)
+
     def stop(self, timeout: float = 60.0) -> None:
         """``torchserve --stop``, then make sure no process of this instance is left behind."""
+        self.stop_health()
         family = self.processes()
         self.torchserve_cli("--stop")
         _, alive = psutil.wait_procs(family, timeout=timeout)
@@ -216,17 +275,22 @@ def main() -> None:
     parser.add_argument("--model-store", type=Path, default=REPO_ROOT / "model_store")
     parser.add_argument("--enable-model-api", action="store_true", help="allow register/unregister (off in production)")
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--health-bind", default=DEFAULT_HEALTH_BIND,
+                        help="host:port of the secret-free /live and /ready checks (default: %(default)s)")
     args = parser.parse_args()
     server = TorchServe(workdir=Path.cwd(), model_store=args.model_store, enable_model_api=args.enable_model_api,
                         isolated=False)
     if args.action == "stop":
+        server.stop_health()
         server.torchserve_cli("--stop")
         return
     models = sorted(path.stem for path in args.model_store.glob("*.mar"))
     server.start(wait_for=models, timeout=args.timeout)
+    health = server.start_health(args.health_bind)
     print(f"TorchServe is serving {', '.join(models)}: REST {server.inference_url}, management {server.management_url}, "
-          f"metrics {server.metrics_url}/metrics, gRPC {server.grpc_inference_target} / {server.grpc_management_target}. "
-          f"Tokens: {server.workdir / 'key_file.json'}. Stop it with: torchserve --stop")
+          f"metrics {server.metrics_url}/metrics, gRPC {server.grpc_inference_target} / {server.grpc_management_target}, "
+          f"health {health}/live and {health}/ready. Tokens: {server.workdir / 'key_file.json'}. "
+          "Stop it with: make stop (or python -m handlers.server stop)")
 
 
 if __name__ == "__main__":

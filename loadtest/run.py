@@ -24,7 +24,8 @@ from typing import Any
 
 import requests
 
-from handlers.server import REPO_ROOT, SHIPPED_CONFIG, bearer, parse_properties, read_key_file
+from handlers.server import REPO_ROOT, SHIPPED_CONFIG, parse_properties
+from handlers.tokens import KeyRing
 from loadtest.affinity import format_cpus, parse_cpus, preexec
 from loadtest.archive import read_archive
 from loadtest.entries import USER_CLASSES, request_entry
@@ -77,7 +78,7 @@ def _free_port() -> int:
 def locust_commands(spec: LoadSpec, csv_prefix: Path) -> list[list[str]]:
     """The Locust command lines: one local process, or a master followed by its workers."""
     options = ["--model", spec.model, "--images-per-request", str(spec.images_per_request),
-               "--key-file", str(spec.key_file), "--grpc-target", spec.grpc_target,
+               "--key-file", str(spec.key_file), "--management-url", spec.management, "--grpc-target", spec.grpc_target,
                "--data-dir", str(spec.data_dir), "--image-pool", str(spec.image_pool)]
     base = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), *options]
     run = ["--headless", "-u", str(spec.users), "-r", str(spec.spawn_rate or spec.users), "-t", f"{spec.run_time_s}s",
@@ -120,7 +121,7 @@ def run_locust(spec: LoadSpec, output_dir: Path) -> Path:
     return csv_prefix
 
 
-def warm_up(spec: LoadSpec, key: str) -> None:
+def warm_up(spec: LoadSpec, keys: KeyRing) -> None:
     """Concurrent requests before the timed window, so that it never includes first-call costs
     (torch.jit profiling runs, ONNX Runtime arena growth). Over REST whatever the protocol: the same
     worker serves both."""
@@ -131,16 +132,16 @@ def warm_up(spec: LoadSpec, key: str) -> None:
     def send(index: int) -> None:
         for round_ in range(WARMUP_ROUNDS):
             image = pool[(index * WARMUP_ROUNDS + round_) % len(pool)]
-            requests.post(url, data=image, headers=bearer(key) | {"Content-Type": "image/png"},
-                          timeout=120).raise_for_status()
+            keys.request("inference", "POST", url, data=image, headers={"Content-Type": "image/png"},
+                         timeout=120).raise_for_status()
 
     with ThreadPoolExecutor(senders) as executor:
         list(executor.map(send, range(senders)))
 
 
-def server_info(management: str, key: str, model: str, model_store: Path) -> dict[str, Any]:
+def server_info(management: str, keys: KeyRing, model: str, model_store: Path) -> dict[str, Any]:
     """Batch settings and workers from the management API; variant and threads from the archive it serves."""
-    response = requests.get(f"{management}/models/{model}", headers=bearer(key), timeout=30)
+    response = keys.request("management", "GET", f"{management}/models/{model}", timeout=30)
     response.raise_for_status()
     described = response.json()[0]
     archive_path = model_store / described["modelUrl"]
@@ -159,11 +160,11 @@ def load_test(spec: LoadSpec, output_dir: Path, model_store: Path, command: str,
               pinning: dict[str, str] | None = None, warm: bool = True) -> dict[str, Any]:
     """Warm up (unless the caller did), run Locust, and write summary.json, summary.md and throughput.png."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    keys = read_key_file(spec.key_file)
-    server = server_info(spec.management, keys["management"], spec.model, model_store)
+    keys = KeyRing(spec.key_file, spec.management)
+    server = server_info(spec.management, keys, spec.model, model_store)
     host_machine = machine()
     if warm:
-        warm_up(spec, keys["inference"])
+        warm_up(spec, keys)
     date = datetime.now().astimezone().isoformat(timespec="seconds")
     csv_prefix = run_locust(spec, output_dir)
     entry = request_entry(spec.protocol, spec.model)

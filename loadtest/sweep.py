@@ -24,10 +24,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import requests
 
 from export.variants import VARIANTS, model_name
-from handlers.server import REPO_ROOT, TorchServe, bearer, free_port_overrides
+from handlers.server import REPO_ROOT, TorchServe, free_port_overrides
 from loadtest.affinity import PINNING_MODES, Placement, affinities, default_split, format_cpus, parse_cpus, pin, placement
 from loadtest.archive import read_archive
 from loadtest.cpu_usage import CpuMeter
@@ -45,15 +44,15 @@ def register(server: TorchServe, name: str, batch_size: int, max_batch_delay: in
     """Register ``name``.mar with these batch settings and workers (they override its model-config.yaml)."""
     params = {"url": f"{name}.mar", "model_name": name, "batch_size": batch_size, "max_batch_delay": max_batch_delay,
               "initial_workers": workers, "synchronous": "true"}
-    response = requests.post(f"{server.management_url}/models", params=params,
-                             headers=bearer(server.keys["management"]), timeout=REGISTER_TIMEOUT_S)
+    response = server.call("management", "POST", f"{server.management_url}/models", params=params,
+                           timeout=REGISTER_TIMEOUT_S)
     if not response.ok:
         raise RuntimeError(f"registering {name}.mar failed: HTTP {response.status_code} {response.text}")
 
 
 def unregister(server: TorchServe, name: str) -> None:
-    response = requests.delete(f"{server.management_url}/models/{name}", headers=bearer(server.keys["management"]),
-                               timeout=REGISTER_TIMEOUT_S)
+    response = server.call("management", "DELETE", f"{server.management_url}/models/{name}",
+                           timeout=REGISTER_TIMEOUT_S)
     response.raise_for_status()
 
 
@@ -133,7 +132,7 @@ def measure_row(server: TorchServe, args: argparse.Namespace, mode: str, cores: 
         limits = ceiling(archive_path, batch_size * images_per_request, read_archive(archive_path).threads,
                          ceiling_cpus, args.ceiling_seconds, args.data_dir, args.image_pool)
         spec = load_spec(server, args, name, images_per_request, args.run_time, cores.locust)
-        warm_up(spec, server.keys["inference"])
+        warm_up(spec, server.key_ring)
         log_start = len(server.log_text())
         print(f"[{label}] load test: {args.users} users, {args.run_time} s", flush=True)
         with CpuMeter(frontend, workers) as meter:

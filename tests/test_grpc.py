@@ -81,7 +81,7 @@ def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Torch
 @pytest.fixture(scope="module")
 def client(server: TorchServe) -> TorchServeGrpc:
     """What an operator or the load tester holds: both channels and both tokens from key_file.json."""
-    with TorchServeGrpc.from_key_file(server.workdir / "key_file.json",
+    with TorchServeGrpc.from_key_file(server.key_file, server.management_url,
                                       inference_target=server.grpc_inference_target,
                                       management_target=server.grpc_management_target) as client:
         yield client

@@ -1,0 +1,162 @@
+"""Liveness and readiness for orchestrators and load balancers, with no secret and no detail.
+
+TorchServe's own ``/ping`` needs the inference key (token authorization answers it with HTTP 400
+otherwise), so a Kubernetes probe, a Docker HEALTHCHECK or a load balancer cannot use it. This small
+HTTP server runs beside TorchServe, holds the keys itself (key_file.json in TorchServe's start
+directory, renewed when they expire) and answers two questions:
+
+- ``GET /live``: 200 while the frontend answers HTTP (its metrics address, which needs no key);
+  503 otherwise. A failing liveness probe means "restart the container".
+- ``GET /ready``: 200 when TorchServe serves at least one model and every registered model has a
+  READY worker; 503 otherwise (starting up, a model with no worker, workers restarting). A failing
+  readiness probe means "send no traffic here for now".
+
+Bodies are ``{"status": "..."}`` only: no model names, versions, keys or error text, since the
+endpoints are unauthenticated. ``python -m handlers.health check live|ready`` is the same question
+as an exit status, for exec probes and HEALTHCHECK.
+
+    python -m handlers.health serve --bind 127.0.0.1:8083 --workdir . --config config.properties
+    python -m handlers.health check ready --url http://127.0.0.1:8083
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from handlers.tokens import KeyRing
+
+DEFAULT_BIND = "127.0.0.1:8083"
+PROBE_TIMEOUT = 5.0
+PAGE = 1000  # the management API's largest page
+
+
+class Health:
+    """Answers liveness and readiness for the TorchServe started in ``workdir`` with ``properties``."""
+
+    def __init__(self, workdir: Path, properties: dict[str, str], timeout: float = PROBE_TIMEOUT) -> None:
+        self.key_file = Path(workdir) / "key_file.json"
+        self.management_url = properties["management_address"].rstrip("/")
+        self.metrics_url = properties["metrics_address"].rstrip("/")
+        self.timeout = timeout
+        self._ring: KeyRing | None = None
+
+    def live(self) -> bool:
+        try:
+            return requests.get(f"{self.metrics_url}/metrics", params={"name[]": "ts_inference_requests_total"},
+                                timeout=self.timeout).ok
+        except requests.RequestException:
+            return False
+
+    def ready(self) -> bool:
+        try:
+            models = self._models()
+            return bool(models) and all(self._has_ready_worker(name) for name in models)
+        except (requests.RequestException, OSError, ValueError, KeyError, TypeError):
+            return False  # not started, keys not written yet, or an answer we cannot read: not ready
+
+    def _keys(self) -> KeyRing:
+        # Made on first use: TorchServe writes the key file only once it runs. A restart's new keys
+        # are picked up by KeyRing.renew, which re-reads the file before asking for new ones.
+        if self._ring is None:
+            self._ring = KeyRing(self.key_file, self.management_url, timeout=self.timeout)
+        return self._ring
+
+    def _get(self, path: str, **params: Any) -> Any:
+        response = self._keys().request("management", "GET", f"{self.management_url}{path}", params=params,
+                                        timeout=self.timeout)
+        response.raise_for_status()
+        return response.json()
+
+    def _models(self) -> list[str]:
+        names: list[str] = []
+        token: str | None = "0"
+        while token is not None:
+            page = self._get("/models", limit=PAGE, next_page_token=token)
+            names += [model["modelName"] for model in page["models"]]
+            token = page.get("nextPageToken")
+        return names
+
+    def _has_ready_worker(self, model: str) -> bool:
+        return any(worker["status"] == "READY" for worker in self._get(f"/models/{model}")[0]["workers"])
+
+
+def handler_for(health: Health) -> type[BaseHTTPRequestHandler]:
+    class Probe(BaseHTTPRequestHandler):
+        checks = {"/live": (health.live, "alive", "down"), "/ready": (health.ready, "ready", "not ready")}
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            check = self.checks.get(self.path.split("?", 1)[0])
+            if check is None:
+                self._answer(404, "not found")
+                return
+            probe, up, down = check
+            ok = probe()
+            self._answer(200 if ok else 503, up if ok else down)
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            self.do_GET()
+
+        def _answer(self, status: int, text: str) -> None:
+            body = json.dumps({"status": text}).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # a probe every few seconds would flood the output; TorchServe logs its own requests
+
+    return Probe
+
+
+def make_server(health: Health, bind: str = DEFAULT_BIND) -> ThreadingHTTPServer:
+    host, port = bind.rsplit(":", 1)
+    server = ThreadingHTTPServer((host, int(port)), handler_for(health))
+    server.daemon_threads = True
+    return server
+
+
+def check(url: str, probe: str, timeout: float = PROBE_TIMEOUT + 2) -> bool:
+    try:
+        return requests.get(f"{url.rstrip('/')}/{probe}", timeout=timeout).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    from handlers.server import SHIPPED_CONFIG, parse_properties
+
+    parser = argparse.ArgumentParser(prog="python -m handlers.health", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="answer /live and /ready over HTTP")
+    serve.add_argument("--bind", default=DEFAULT_BIND, help="host:port to listen on (default: %(default)s)")
+    serve.add_argument("--workdir", type=Path, default=Path.cwd(),
+                       help="TorchServe's start directory, where key_file.json is (default: the current one)")
+    serve.add_argument("--config", type=Path, default=SHIPPED_CONFIG,
+                       help="TorchServe's config.properties, for its addresses (default: the shipped one)")
+    probe = commands.add_parser("check", help="exit 0 if the health server answers 200, else 1")
+    probe.add_argument("probe", choices=("live", "ready"))
+    probe.add_argument("--url", default=f"http://{DEFAULT_BIND}", help="health server (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        return 0 if check(args.url, args.probe) else 1
+    server = make_server(Health(args.workdir, parse_properties(args.config.read_text())), args.bind)
+    print(f"health checks on http://{args.bind}/live and /ready", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""TorchServe's access keys, kept valid past their expiry, for every client this project ships.
+
+TorchServe writes ``key_file.json`` (inference, management and API keys) into its start directory;
+the inference and management keys expire ``token_expiration_min`` after they were made, and only a
+call to the token API (``/token?type=...`` on the management address, with the API key, which never
+expires) makes new ones, rewriting the file. A client that keeps its first key stops working after
+the expiry, so every client holds a :class:`KeyRing` instead and, when TorchServe refuses a key,
+calls :meth:`KeyRing.renew` and retries once.
+
+Renewing replaces the key for every client of the server at once, so many clients noticing the
+same expiry must renew it once, not once each (each renewal would invalidate the key the previous
+one just handed out). An exclusive lock on the key file serialises renewals across threads and
+processes (Locust workers, the gRPC CLI, the tests), and inside it a client first re-reads the file:
+if the key there is no longer the one that was refused, another client already renewed it.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Literal
+
+import requests
+
+Kind = Literal["inference", "management"]
+KINDS: tuple[Kind, ...] = ("inference", "management")
+# What TorchServe answers an expired, wrong or missing key with: HTTP 400 (REST) or gRPC
+# PERMISSION_DENIED, both carrying this message.
+REFUSAL_MESSAGE = "Token Authorization failed"
+READ_ATTEMPTS = 20  # TorchServe rewrites the file in place, so a reader may catch it half written
+
+
+def read_key_file(path: str | Path) -> dict[str, str]:
+    """``{"inference": key, "management": key, "API": key}`` from a key_file.json.
+
+    Retries briefly on a half-written file (TorchServe truncates and rewrites it on every renewal).
+    """
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            keys = json.loads(Path(path).read_text())
+            return {"inference": keys["inference"]["key"], "management": keys["management"]["key"],
+                    "API": keys["API"]["key"]}
+        except (ValueError, KeyError, TypeError):
+            if attempt == READ_ATTEMPTS - 1:
+                raise
+            time.sleep(0.05)
+    raise AssertionError("unreachable")
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def is_refusal(status: int, body: str | bytes) -> bool:
+    """Whether an HTTP answer is TorchServe refusing the key (rather than the request)."""
+    text = body.decode("utf-8", "replace") if isinstance(body, (bytes, bytearray)) else body
+    return status == 400 and REFUSAL_MESSAGE in text
+
+
+class KeyRing:
+    """The current keys of one TorchServe, renewed through its token API when they expire.
+
+    ``key_file`` is the server's key_file.json; ``management_url`` its management address (where the
+    token API lives). Without a management URL the ring can still pick up keys another client renewed.
+    Thread-safe and cheap to share: one ring per process and server is enough.
+    """
+
+    def __init__(self, key_file: str | Path, management_url: str | None = None, timeout: float = 10.0) -> None:
+        self.key_file = Path(key_file)
+        self.management_url = management_url.rstrip("/") if management_url else None
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._keys = read_key_file(self.key_file)
+
+    def __getitem__(self, kind: Kind) -> str:
+        return self._keys[kind]
+
+    def headers(self, kind: Kind) -> dict[str, str]:
+        return bearer(self._keys[kind])
+
+    def renew(self, kind: Kind, refused: str) -> str:
+        """A valid ``kind`` key after TorchServe refused ``refused``: another client's renewal or a new one."""
+        with self._lock, open(self.key_file) as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # held until the file is closed
+            self._keys = read_key_file(self.key_file)
+            if self._keys[kind] == refused and self.management_url is not None:
+                response = requests.post(f"{self.management_url}/token", params={"type": kind},
+                                         headers=bearer(self._keys["API"]), timeout=self.timeout)
+                response.raise_for_status()
+                self._keys = read_key_file(self.key_file)  # TorchServe rewrote it before answering
+            return self._keys[kind]
+
+    def request(self, kind: Kind, method: str, url: str, session: requests.Session | None = None,
+                **kwargs) -> requests.Response:
+        """``requests`` call with the ``kind`` key; on a refused key, renew and retry once."""
+        send = (session or requests).request
+        extra = kwargs.pop("headers", None) or {}
+        key = self._keys[kind]
+        response = send(method, url, headers=extra | bearer(key), **kwargs)
+        if is_refusal(response.status_code, response.content):
+            response = send(method, url, headers=extra | bearer(self.renew(kind, key)), **kwargs)
+        return response

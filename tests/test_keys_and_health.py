@@ -1,0 +1,165 @@
+"""Operating a real TorchServe past its keys' expiry, and the secret-free health checks.
+
+One TorchServe for the module, the shipped config with ``token_expiration_min=1`` so that its keys
+expire during the module: every client this project ships must keep working across that (renew the
+key through the token API, retry once), and the health server must answer without any secret.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import requests
+
+from handlers.grpc_client import TorchServeGrpc
+from handlers.health import Health, check
+from handlers.server import REPO_ROOT, TorchServe, requests_status
+from handlers.tokens import KeyRing, bearer, read_key_file
+from loadtest.run import LoadSpec, load_test
+from tests.conftest import PORT_OFFSET, ports_for
+from training.model import CLASSES
+
+MODELS = ["cifar10", "cifar10_onnx_int8_static"]
+EXPIRY_MIN = 1
+HEALTH_PORT = 18115 + PORT_OFFSET
+
+
+@pytest.fixture(scope="module")
+def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> TorchServe:
+    store = tmp_path_factory.mktemp("store")
+    for name in MODELS:  # two models, so that readiness means "every model", not "some model"
+        (store / f"{name}.mar").symlink_to(model_store / f"{name}.mar")
+    server = TorchServe(workdir=tmp_path_factory.mktemp("torchserve-keys"), model_store=store,
+                        overrides=ports_for(18110) | {"token_expiration_min": str(EXPIRY_MIN)})
+    server.start(wait_for=MODELS)
+    server.health_url = server.start_health(f"127.0.0.1:{HEALTH_PORT}")
+    yield server
+    server.stop()
+
+
+def expiry(server: TorchServe, kind: str) -> datetime:
+    return datetime.fromisoformat(json.loads(server.key_file.read_text())[kind]["expiration time"][:26] + "+00:00")
+
+
+def grpc_cli(server: TorchServe, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "handlers.grpc_client", "--key-file", str(server.key_file),
+                           "--management-url", server.management_url, "--inference-target",
+                           server.grpc_inference_target, "--management-target", server.grpc_management_target, *args],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_health_answers_without_a_secret_and_says_nothing_more(server: TorchServe) -> None:
+    for probe, status in (("live", "alive"), ("ready", "ready")):
+        response = requests.get(f"{server.health_url}/{probe}", timeout=10)  # no Authorization header
+        assert response.status_code == 200
+        assert response.json() == {"status": status}
+        assert check(server.health_url, probe)
+    assert requests.get(f"{server.health_url}/models", timeout=10).status_code == 404
+    # TorchServe's own /ping is what a probe cannot use: without the key it is refused.
+    assert requests.get(f"{server.inference_url}/ping", timeout=10).status_code == 400
+
+
+def test_a_model_without_a_ready_worker_makes_the_server_not_ready(server: TorchServe) -> None:
+    def scale(workers: int) -> None:
+        response = server.call("management", "PUT", f"{server.management_url}/models/{MODELS[1]}",
+                               params={"min_worker": workers, "max_worker": workers, "synchronous": "true"},
+                               timeout=120)
+        assert response.ok, response.text
+
+    scale(0)
+    try:
+        response = requests.get(f"{server.health_url}/ready", timeout=10)
+        assert (response.status_code, response.json()) == (503, {"status": "not ready"})
+        assert MODELS[1] not in response.text
+        assert requests_status(f"{server.health_url}/live") == 200  # alive: no reason to restart it
+        assert subprocess.run([sys.executable, "-m", "handlers.health", "check", "ready", "--url", server.health_url],
+                              cwd=REPO_ROOT, timeout=60).returncode == 1
+    finally:
+        scale(1)
+    assert requests_status(f"{server.health_url}/ready") == 200
+
+
+def test_a_server_that_is_down_is_neither_live_nor_ready(tmp_path: Path) -> None:
+    nothing = ports_for(18120)  # nobody listens there
+    health = Health(tmp_path, nothing, timeout=2)
+    assert not health.live()
+    assert not health.ready()
+
+
+def test_concurrent_renewals_of_one_refused_key_make_one_new_key(server: TorchServe) -> None:
+    """Eight processes that saw the same key refused must end up with one and the same new key:
+    renewing once each would invalidate the key the previous renewal handed out."""
+    refused = read_key_file(server.key_file)["inference"]
+    with ProcessPoolExecutor(8) as pool:
+        renewed = set(pool.map(renew_in_a_process, [(str(server.key_file), server.management_url, refused)] * 8))
+    (key,) = renewed
+    assert key != refused and key == read_key_file(server.key_file)["inference"]
+    assert requests.get(f"{server.inference_url}/ping", headers=bearer(key), timeout=10).status_code == 200
+    assert requests.get(f"{server.inference_url}/ping", headers=bearer(refused), timeout=10).status_code == 400
+
+
+def renew_in_a_process(args: tuple[str, str, str]) -> str:
+    key_file, management_url, refused = args
+    return KeyRing(key_file, management_url).renew("inference", refused)
+
+
+def test_every_client_keeps_working_across_the_keys_expiry(server: TorchServe, model_store: Path,
+                                                          data_root: Path, test_images, tmp_path: Path) -> None:
+    """REST and gRPC Locust users (two worker processes each), a long-lived gRPC client, the gRPC CLI,
+    the test helpers and the health server, all across the expiry: not one failed request."""
+    first = read_key_file(server.key_file)
+    run_s = 100
+    assert (expiry(server, "inference") - datetime.now().astimezone()).total_seconds() < run_s - 20
+    spec = {"host": server.inference_url, "management": server.management_url, "key_file": server.key_file,
+            "grpc_target": server.grpc_inference_target, "model": "cifar10", "users": 2, "run_time_s": run_s,
+            "workers": 2, "data_dir": str(data_root)}
+    image, label = test_images[0]
+    with TorchServeGrpc.from_key_file(server.key_file, server.management_url,
+                                      inference_target=server.grpc_inference_target,
+                                      management_target=server.grpc_management_target) as client, \
+            ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(load_test, LoadSpec(protocol=protocol, **spec), tmp_path / protocol, model_store, "test")
+                for protocol in ("rest", "grpc")]
+        answers = []
+        while not all(run.done() for run in runs):  # the same client object before and after the expiry
+            answers.append(client.predict("cifar10", image)["label"])
+            assert client.describe("cifar10")[0]["modelName"] == "cifar10"
+            time.sleep(5)
+        summaries = [run.result() for run in runs]
+    assert answers.count(CLASSES[label]) == len(answers) >= run_s // 10
+    for summary in summaries:
+        assert summary["requests"] > 0
+        assert summary["failures"] == 0, summary["failure_messages"]
+    # The keys really expired and were renewed during the run, not before it.
+    renewed = read_key_file(server.key_file)
+    assert renewed["inference"] != first["inference"] and renewed["management"] != first["management"]
+    cli = grpc_cli(server, "predict", "cifar10", str(write_png(tmp_path, image)))
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)[str(tmp_path / "image.png")]["label"] == CLASSES[label]
+    assert server.ready_workers("cifar10") == 1  # the test helpers renew too
+    assert requests_status(f"{server.health_url}/ready") == 200
+
+
+def write_png(directory: Path, image: bytes) -> Path:
+    path = directory / "image.png"
+    path.write_bytes(image)
+    return path
+
+
+def test_the_grpc_cli_renews_a_key_it_finds_expired(server: TorchServe, test_images, tmp_path: Path) -> None:
+    """A CLI started after the expiry, with nobody having renewed the key yet, renews it itself."""
+    stale = read_key_file(server.key_file)["inference"]
+    wait = (expiry(server, "inference") - datetime.now().astimezone()).total_seconds()
+    time.sleep(max(0.0, wait) + 1)
+    assert requests.get(f"{server.inference_url}/ping", headers=bearer(stale), timeout=10).status_code == 400
+    image, label = test_images[0]
+    cli = grpc_cli(server, "predict", "cifar10", str(write_png(tmp_path, image)))
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)[str(tmp_path / "image.png")]["label"] == CLASSES[label]
+    assert read_key_file(server.key_file)["inference"] != stale
