@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from handlers.tokens import KeyRing, Kind, bearer, read_key_file
+from handlers.tokens import KeyRing, Kind, read_key_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_CONFIG = REPO_ROOT / "config.properties"
@@ -172,7 +172,7 @@ class TorchServe:
                 raise RuntimeError(f"TorchServe exited during start-up; see {self.workdir / 'logs'}")
             try:
                 if pending[0] == "ping":
-                    ok = requests.get(f"{self.inference_url}/ping", headers=bearer(self.keys["inference"]), timeout=2).ok
+                    ok = self.call("inference", "GET", f"{self.inference_url}/ping", timeout=2).ok
                 else:
                     ok = self.ready_workers(pending[0]) > 0
             except (requests.RequestException, OSError, ValueError, KeyError):  # key file not (fully) written yet

@@ -24,7 +24,8 @@ import yaml
 
 from handlers import grpc_stubs
 from handlers.grpc_client import PredictionError, TorchServeGrpc
-from handlers.server import REPO_ROOT, TorchServe, bearer
+from handlers.server import REPO_ROOT, TorchServe
+from handlers.tokens import bearer
 from tests.conftest import ports_for
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")

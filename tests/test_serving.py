@@ -10,7 +10,8 @@ import requests
 import torch
 from PIL import Image
 
-from handlers.server import REPO_ROOT, TorchServe, anchored_vmargs, bearer
+from handlers.server import REPO_ROOT, TorchServe, anchored_vmargs
+from handlers.tokens import bearer
 from tests.conftest import MODEL_NAMES, RELEASE_CHECKPOINT
 from training.checkpoint import load_checkpoint
 from training.data import load_split
