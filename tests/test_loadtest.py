@@ -88,8 +88,10 @@ def test_short_run_has_no_failures_and_counts_examples(protocol: str, torchserve
     assert summary["accuracy_check"]["passed"], summary["accuracy_check"] | {"served": summary["served_accuracy"]}
     assert summary["goodput_per_s"] == pytest.approx(summary["examples_per_s"] * summary["served_accuracy"])
     assert passed(summary) and summary["latency_ms"]["p99"] is not None
-    assert summary["variant"] == read_archive(model_store / "cifar10.mar").variant
-    assert summary["server"]["batch_size"] >= 1 and summary["server"]["workers"]
+    archive = read_archive(model_store / "cifar10.mar")
+    assert summary["variant"] == archive.variant
+    assert summary["server"]["batch_size"] == archive.model_config["batchSize"]
+    assert len(summary["server"]["workers"]) == archive.model_config["minWorkers"]
     for name in ("summary.json", "summary.md", "throughput.png"):
         assert (tmp_path / name).stat().st_size > 0
 
@@ -118,6 +120,9 @@ def test_distributed_locust_master_and_workers_on_loopback(torchserve: TorchServ
     examples = csv_row(tmp_path / "locust", EXAMPLES)
     assert int(examples["Request Count"]) > 0 and int(examples["Failure Count"]) == 0
     assert summary["failures"] == 0, summary["failure_messages"]
+    # the workers' CORRECT entries reach the master's CSV too
+    assert summary["accuracy_check"]["passed"] and summary["correct"] == int(csv_row(tmp_path / "locust",
+                                                                                     CORRECT)["Request Count"])
 
 
 @pytest.mark.slow
