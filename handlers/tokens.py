@@ -94,11 +94,14 @@ class KeyRing:
 
     def request(self, kind: Kind, method: str, url: str, session: requests.Session | None = None,
                 **kwargs) -> requests.Response:
-        """``requests`` call with the ``kind`` key; on a refused key, renew and retry once."""
+        """``requests`` call with the ``kind`` key; on a refused key, renew and retry once.
+
+        An ``Authorization`` header in ``headers`` is sent as given (tests send wrong keys on purpose).
+        """
         send = (session or requests).request
         extra = kwargs.pop("headers", None) or {}
         key = self._keys[kind]
-        response = send(method, url, headers=extra | bearer(key), **kwargs)
-        if is_refusal(response.status_code, response.content):
-            response = send(method, url, headers=extra | bearer(self.renew(kind, key)), **kwargs)
+        response = send(method, url, headers=bearer(key) | extra, **kwargs)
+        if is_refusal(response.status_code, response.content) and "Authorization" not in extra:
+            response = send(method, url, headers=bearer(self.renew(kind, key)) | extra, **kwargs)
         return response

@@ -1,4 +1,9 @@
-"""What a correct answer looks like, so a load test counts wrong answers as failures, not as throughput."""
+"""What a well-formed answer looks like, and how many of its labels are right.
+
+A malformed answer (no CIFAR-10 label, probabilities that do not sum to 1, a missing prediction)
+fails its request. A well-formed answer with the wrong label is a served answer, but not goodput:
+the load test counts the right labels separately, so a wrong model shows up as served accuracy.
+"""
 from __future__ import annotations
 
 import math
@@ -37,3 +42,19 @@ def answer_error(answer: Any, classes: Sequence[str], images: int) -> str | None
         if error is not None:
             return f"image {index}: {error}"
     return None
+
+
+def correct_labels(answer: Any, truth: Sequence[str]) -> int:
+    """How many predictions of a well-formed answer (see ``answer_error``) carry the true label of their image."""
+    predictions = [answer] if len(truth) == 1 else answer
+    return sum(prediction["label"] == label for prediction, label in zip(predictions, truth))
+
+
+def accuracy_floor(expected: float, distinct_images: int, sigmas: float = 3.0) -> float:
+    """The lowest served accuracy still consistent with a model whose verified test accuracy is ``expected``.
+
+    The load test cycles a pool of ``distinct_images`` test images, so its served accuracy is that of a
+    sample of that size: ``sigmas`` binomial standard errors below ``expected`` it is a wrong model (or
+    wrong preprocessing), not an unlucky sample.
+    """
+    return expected - sigmas * math.sqrt(expected * (1 - expected) / max(distinct_images, 1))

@@ -5,7 +5,8 @@ gevent; the CLI, the report and the tests only need these names.
 """
 from __future__ import annotations
 
-EXAMPLES = "EXAMPLES"  # request type of the per-image entry that mirrors each prediction request
+EXAMPLES = "EXAMPLES"  # one entry per image sent (attempts); failed when its request failed
+CORRECT = "CORRECT"  # one entry per image answered with its true label (goodput); never failed
 USER_CLASSES = {"rest": "RestUser", "grpc": "GrpcUser"}
 
 

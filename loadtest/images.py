@@ -26,6 +26,14 @@ def test_images(data_dir: str, count: int) -> tuple[tuple[bytes, ...], tuple[str
     return tuple(pngs), tuple(dataset.classes)
 
 
+@cache
+def true_labels(data_dir: str, count: int) -> tuple[str, ...]:
+    """The class name of each image of ``test_images(data_dir, count)``, in the same order: what a correct
+    server answers, so that a load test can count right answers rather than well-formed ones."""
+    dataset = CIFAR10(data_dir, train=False)
+    return tuple(dataset.classes[label] for label in dataset.targets[:count])
+
+
 def multipart(images: Sequence[bytes]) -> tuple[bytes, str]:
     """A multipart/form-data body with one field per image, and its Content-Type header value.
 

@@ -5,7 +5,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from loadtest.entries import EXAMPLES
+from loadtest.entries import CORRECT, EXAMPLES
 
 PERCENTILES = ("50%", "90%", "99%")
 
@@ -39,17 +39,28 @@ def entry_stats(row: dict[str, str] | None) -> dict[str, Any]:
 
 
 def run_stats(prefix: Path, request_type: str, request_name: str, model: str) -> dict[str, Any]:
-    """The prediction requests and their EXAMPLES mirror (see locustfile) from ``PREFIX_stats.csv``."""
+    """The prediction requests and their EXAMPLES and CORRECT mirrors (see locustfile) from ``PREFIX_stats.csv``.
+
+    ``examples_per_s`` counts attempts: every image sent, failed or not. Answered images are those
+    whose request succeeded; goodput counts only the answers with the image's true label. All three
+    rates share the EXAMPLES entry's time window, so that they can be compared and divided.
+    """
     rows = read_rows(Path(f"{prefix}_stats.csv"))
     requests = entry_stats(find_entry(rows, request_type, request_name))
     examples = entry_stats(find_entry(rows, EXAMPLES, model))
+    correct = entry_stats(find_entry(rows, CORRECT, model))["count"]
+    answered = examples["count"] - examples["failures"]
+    per_example_s = examples["per_s"] / examples["count"] if examples["count"] else 0.0
     failures = read_rows(Path(f"{prefix}_failures.csv"))
     return {
         "requests": requests["count"], "failures": requests["failures"], "requests_per_s": requests["per_s"],
         "examples": examples["count"], "example_failures": examples["failures"], "examples_per_s": examples["per_s"],
+        "answered": answered, "answered_per_s": answered * per_example_s,
+        "correct": correct, "goodput_per_s": correct * per_example_s,
+        "served_accuracy": correct / answered if answered else None,
         "latency_ms": requests["latency_ms"],
         "failure_messages": [f"{row['Occurrences']}x {row['Method']} {row['Name']}: {row['Error']}" for row in failures
-                             if row["Method"] != EXAMPLES],
+                             if row["Method"] not in (EXAMPLES, CORRECT)],
     }
 
 

@@ -9,9 +9,11 @@ request then retried once and timed as one), checks every answer (a CIFAR-10 lab
 ~1, one answer per image) and fails the request otherwise. Users wait for nothing between requests
 (closed loop), so ``-u`` is the number of requests in flight.
 
-Images, not requests, are the unit of throughput once requests carry several images, so every
-prediction request is mirrored by one ``EXAMPLES`` entry per image (same latency, same outcome):
-Locust's own stats, CSV and history then count examples next to requests.
+Images, not requests, are the unit of throughput once requests carry several images, and only right
+answers are served examples. So every prediction request is mirrored in Locust's own stats by one
+``EXAMPLES`` entry per image sent (same latency, failed when the request failed: attempts) and one
+``CORRECT`` entry per image answered with its true label (goodput). A wrong label does not fail the
+request (the server answered), but it never counts as goodput. See docs/LOADTEST.md.
 """
 from __future__ import annotations
 
@@ -31,9 +33,9 @@ from locust.stats import CSV_STATS_INTERVAL_SEC
 
 from handlers.grpc_client import MANAGEMENT_URL, TorchServeGrpc
 from handlers.tokens import KeyRing, is_refusal
-from loadtest.check import answer_error
-from loadtest.entries import EXAMPLES, request_entry
-from loadtest.images import multipart, test_images
+from loadtest.check import answer_error, correct_labels
+from loadtest.entries import CORRECT, EXAMPLES, request_entry
+from loadtest.images import multipart, test_images, true_labels
 from training.data import default_data_dir
 
 grpc_gevent.init_gevent()  # grpc's blocking calls must yield to gevent, or one call would stall every user
@@ -76,12 +78,16 @@ def final_csv_snapshot(environment: Environment, **kwargs: Any) -> None:
 @events.request.add_listener
 def count_examples(context: dict[str, Any] | None, response_time: float, exception: Exception | None,
                    **kwargs: Any) -> None:
-    """One EXAMPLES entry per image of a prediction request (marked by ``context["examples"]``)."""
+    """One EXAMPLES entry per image of a prediction request (marked by ``context["examples"]``) and one
+    CORRECT entry per image whose answer carried its true label (``context["correct"]``)."""
     if not context or "examples" not in context:
         return
     for _ in range(context["examples"]):
         events.request.fire(request_type=EXAMPLES, name=context["model"], response_time=response_time,
                             response_length=0, exception=exception, context={})
+    for _ in range(0 if exception else context.get("correct", 0)):
+        events.request.fire(request_type=CORRECT, name=context["model"], response_time=response_time,
+                            response_length=0, exception=None, context={})
 
 
 class Cifar10User(User):
@@ -95,14 +101,22 @@ class Cifar10User(User):
         self.model: str = options.model
         self.images_per_request: int = options.images_per_request
         self.pool, self.classes = test_images(options.data_dir, options.image_pool)
+        self.truth = true_labels(options.data_dir, options.image_pool)
         ring_id = (options.key_file, options.management_url)
         if ring_id not in _key_rings:
             _key_rings[ring_id] = KeyRing(*ring_id)
         self.keys = _key_rings[ring_id]
 
-    def next_images(self) -> list[bytes]:
+    def next_images(self) -> tuple[list[bytes], list[str]]:
+        """The next images of the pool and their true labels."""
         start = next(_image_cursor) * self.images_per_request
-        return [self.pool[(start + i) % len(self.pool)] for i in range(self.images_per_request)]
+        indices = [(start + i) % len(self.pool) for i in range(self.images_per_request)]
+        return [self.pool[i] for i in indices], [self.truth[i] for i in indices]
+
+    def check(self, answer: Any, truth: list[str]) -> tuple[str | None, int]:
+        """Why the answer is malformed (or None), and how many of its labels are right."""
+        error = answer_error(answer, self.classes, len(truth))
+        return error, 0 if error is not None else correct_labels(answer, truth)
 
     def context(self) -> dict[str, Any]:
         return {"examples": self.images_per_request, "model": self.model}
@@ -115,7 +129,7 @@ class RestUser(Cifar10User, FastHttpUser):
 
     @task
     def predict(self) -> None:
-        images = self.next_images()
+        images, truth = self.next_images()
         body, content_type = (images[0], "image/png") if len(images) == 1 else multipart(images)
         _, name = request_entry("rest", self.model)
         with self.post(name, body, content_type) as response:
@@ -123,11 +137,12 @@ class RestUser(Cifar10User, FastHttpUser):
                 response.failure(f"HTTP {response.status_code}: {(response.text or '')[:200]}")
                 return
             try:
-                error = answer_error(response.json(), self.classes, len(images))
+                error, correct = self.check(response.json(), truth)
             except ValueError as err:
-                error = f"answer is not JSON: {err}"
+                error, correct = f"answer is not JSON: {err}", 0
             if error is not None:
                 response.failure(error)
+            response.request_meta["context"]["correct"] = correct  # read by count_examples
 
 
     def post(self, path: str, body: bytes, content_type: str) -> ResponseContextManager:
@@ -165,7 +180,8 @@ class GrpcUser(Cifar10User):
 
     @task
     def predict(self) -> None:
-        (image,) = self.next_images()
+        (image,), truth = self.next_images()
+        correct = 0
         exception: Exception | None = None
         answer = b""
         start = time.perf_counter()
@@ -176,11 +192,11 @@ class GrpcUser(Cifar10User):
         elapsed_ms = 1e3 * (time.perf_counter() - start)
         if exception is None:
             try:
-                error = answer_error(json.loads(answer), self.classes, 1)
+                error, correct = self.check(json.loads(answer), truth)
             except ValueError as err:
                 error = f"answer is not JSON: {err}"
             exception = AssertionError(error) if error is not None else None
         request_type, name = request_entry("grpc", self.model)
         self.environment.events.request.fire(
             request_type=request_type, name=name, response_time=elapsed_ms,
-            response_length=len(answer), exception=exception, context=self.context())
+            response_length=len(answer), exception=exception, context=self.context() | {"correct": correct})

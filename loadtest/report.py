@@ -10,8 +10,6 @@ from typing import Any
 
 import psutil
 
-from loadtest.affinity import PINNING_MODES
-
 # Served static-INT8 throughput must reach this share of its in-process ceiling. Judged against the
 # pipeline ceiling: a server cannot skip decoding the PNGs it is sent, so the fair in-process
 # equivalent does that work too; the model-only ratio is reported beside it.
@@ -60,6 +58,23 @@ def pinning_line(pinning: dict[str, str] | None) -> str:
     return ", ".join([*parts, f"Locust on cores {pinning['locust']}"])
 
 
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def accuracy_cell(summary: dict[str, Any]) -> str:
+    """Served accuracy, and how it compares with what the archive was verified at."""
+    if summary.get("served_accuracy") is None:
+        return "n/a"
+    text = f"{_percent(summary['served_accuracy'])} of {summary['answered']} answered images"
+    check = summary.get("accuracy_check")
+    if check:
+        verdict = "consistent" if check["passed"] else "**too low: a wrong model or wrong preprocessing**"
+        text += (f" (archive verified at {_percent(check['verified_accuracy'])}, floor for this image pool "
+                 f"{_percent(check['floor'])}: {verdict})")
+    return text
+
+
 def run_markdown(summary: dict[str, Any]) -> str:
     latency = summary["latency_ms"]
     rows = [
@@ -71,7 +86,12 @@ def run_markdown(summary: dict[str, Any]) -> str:
                  f"{summary['images_per_request']} image(s) per request over {summary['protocol']}, "
                  f"{summary['run_time_s']} s, {summary['locust_workers'] or 'no'} Locust worker processes"),
         ("pinning", pinning_line(summary["pinning"])),
-        ("examples/s", f"{summary['examples_per_s']:.1f} ({summary['examples']} examples)"),
+        ("goodput (images/s answered with their true label)",
+         f"{summary['goodput_per_s']:.1f} ({summary['correct']} correct answers)"),
+        ("served accuracy", accuracy_cell(summary)),
+        ("answered images/s", f"{summary['answered_per_s']:.1f} ({summary['answered']} images)"),
+        ("attempted images/s", f"{summary['examples_per_s']:.1f} ({summary['examples']} images sent, "
+                               f"{summary['example_failures']} in failed requests)"),
         ("requests/s", f"{summary['requests_per_s']:.1f} ({summary['requests']} requests)"),
         ("latency p50 / p90 / p99 (ms)", " / ".join(_ms(latency[p]) for p in ("p50", "p90", "p99"))),
         ("failures", f"{summary['failures']} of {summary['requests']} requests"),
@@ -82,8 +102,9 @@ def run_markdown(summary: dict[str, Any]) -> str:
     if summary["failure_messages"]:
         lines += ["## Failures", "", *(f"- {message}" for message in summary["failure_messages"]), ""]
     lines += ["![throughput and latency over time](throughput.png)", "",
-              f"Locust's own CSV: `{summary['csv_prefix']}_stats.csv` (the `EXAMPLES` row counts images), "
-              "`_stats_history.csv`, `_failures.csv`.", ""]
+              f"Locust's own CSV: `{summary['csv_prefix']}_stats.csv` (`EXAMPLES`: images sent, `CORRECT`: images "
+              "answered with their true label), `_stats_history.csv`, `_failures.csv`. What each number means: "
+              "docs/LOADTEST.md.", ""]
     return "\n".join(lines)
 
 
@@ -97,9 +118,12 @@ def _ratio(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.0f}%"
 
 
-BENCHMARK_COLUMNS = ("pinning", "variant", "batch", "images/request", "delay ms", "users", "examples/s", "p50 ms",
-                     "p90 ms", "p99 ms", "failures", "mean batch", "cores busy F/W/O", "model ceiling/s", "served/model",
-                     "pipeline ceiling/s", "served/pipeline")
+BENCHMARK_COLUMNS = ("pinning", "variant", "batch", "images/request", "delay ms", "users", "sent/s", "goodput/s",
+                     "served accuracy", "p50 ms", "p90 ms", "p99 ms", "failures", "mean batch", "cores busy F/W/O",
+                     "model ceiling/s", "served/model", "pipeline ceiling/s", "served/pipeline")
+TARGET_COLUMNS = ("variant", "batch", "images/request", "pinning", "served/pipeline", "served/model", "p99 ms",
+                  "failures", "served accuracy", "target", "model ms/image", "handler ms/image",
+                  "worker CPU ms/served image", "worker loop ms/image", "worker idle")
 
 
 def cores_busy(cores: dict[str, float] | None) -> str:
@@ -107,119 +131,93 @@ def cores_busy(cores: dict[str, float] | None) -> str:
     return "n/a" if not cores else "/".join(f"{cores[key]:.2f}" for key in ("frontend", "workers", "other"))
 
 
+def goodput_cells(run: dict[str, Any]) -> list[str]:
+    """Goodput and served accuracy; n/a for runs recorded before the load test checked labels."""
+    if run.get("goodput_per_s") is None:
+        return ["n/a", "n/a"]
+    return [f"{run['goodput_per_s']:.1f}", _percent(run["served_accuracy"])]
+
+
 def benchmark_row(row: dict[str, Any]) -> list[str]:
     run, ceiling, latency = row["run"], row["ceiling"], row["run"]["latency_ms"]
     return [row["pinning_mode"], run["variant"], str(run["server"]["batch_size"]), str(run["images_per_request"]),
             str(run["server"]["max_batch_delay"]), str(run["users"]), f"{run['examples_per_s']:.1f}",
-            *(_ms(latency[p]) for p in ("p50", "p90", "p99")), f"{run['failures']}/{run['requests']}",
+            *goodput_cells(run), *(_ms(latency[p]) for p in ("p50", "p90", "p99")),
+            f"{run['failures']}/{run['requests']}",
             "n/a" if row["mean_batch_images"] is None else f"{row['mean_batch_images']:.1f}",
             cores_busy(row.get("cpu_cores")),
             f"{ceiling['model_images_per_s']:.1f}", _ratio(row["served_over_model"]),
             f"{ceiling['pipeline_images_per_s']:.1f}", _ratio(row["served_over_pipeline"])]
 
 
-def busy_sentence(row: dict[str, Any]) -> str:
-    """Where the worker's core went: CPU per served image against the in-process pipeline's, and idling."""
-    cores, served = row.get("cpu_cores"), row["run"]["examples_per_s"]
-    if not cores or not served:
-        return ""
-    worker_ms = 1e3 * cores["workers"] / served
+def target_met(row: dict[str, Any]) -> bool:
+    """The served/pipeline target, with no failed request and (where checked) accurate answers."""
+    check = row["run"].get("accuracy_check")
+    return (row["served_over_pipeline"] >= TARGET_RATIO and row["run"]["failures"] == 0
+            and (check is None or check["passed"]))
+
+
+def target_cell(row: dict[str, Any]) -> str:
+    if not target_met(row):
+        return "**not met**"
+    return "**met**" if row["run"].get("accuracy_check") else "**met** (labels not checked)"
+
+
+def target_row(row: dict[str, Any]) -> list[str]:
+    """Whether the row meets the target, and where the worker's core went: CPU per served image against
+    the in-process pipeline's, and idling (meaningful only when the worker had its core to itself)."""
+    run, cores = row["run"], row.get("cpu_cores")
+    model_ms = 1e3 / row["ceiling"]["model_images_per_s"]
     pipeline_ms = 1e3 / row["ceiling"]["pipeline_images_per_s"]
-    if row["pinning_mode"] == "worker":  # the worker had its core to itself: not busy means waiting
-        waiting = f"With its core to itself, the worker sat idle {max(0.0, 1 - cores['workers']):.0%} of the time."
-    else:
-        waiting = "The worker shared its core(s) with the frontend" + (" and Locust." if row["pinning_mode"] == "none"
-                                                                        else ".")
-    return (f" Cores busy: frontend {cores['frontend']:.2f}, worker {cores['workers']:.2f}, everything else "
-            f"{cores['other']:.2f}. The worker spent {worker_ms:.2f} ms of CPU per served image against "
-            f"{pipeline_ms:.2f} ms for the same handler in process: {worker_ms - pipeline_ms:+.2f} ms per image "
-            "went to TorchServe's Python worker loop (reading the batch from the frontend, metrics, writing "
-            f"the answers). {waiting}")
+    served = run.get("answered_per_s", run["examples_per_s"])
+    worker_ms = 1e3 * cores["workers"] / served if cores and served else None
+    idle = f"{max(0.0, 1 - cores['workers']):.0%}" if cores and row["pinning_mode"] == "worker" else "shared core"
+    return [run["variant"], str(run["server"]["batch_size"]), str(run["images_per_request"]), row["pinning_mode"],
+            _ratio(row["served_over_pipeline"]), _ratio(row["served_over_model"]), _ms(run["latency_ms"]["p99"]),
+            str(run["failures"]), goodput_cells(run)[1], target_cell(row),
+            f"{model_ms:.2f}", f"{pipeline_ms - model_ms:.2f}", "n/a" if worker_ms is None else f"{worker_ms:.2f}",
+            "n/a" if worker_ms is None else f"{worker_ms - pipeline_ms:+.2f}", idle]
 
 
-def target_lines(rows: list[dict[str, Any]], target_variant: str) -> list[str]:
-    """Whether the served static-INT8 deployment keeps TARGET_RATIO of its pipeline ceiling with zero failures."""
-    lines = []
-    for row in rows:
-        run = row["run"]
-        if run["variant"] != target_variant:
-            continue
-        met = row["served_over_pipeline"] >= TARGET_RATIO and run["failures"] == 0
-        model_ms = 1e3 / row["ceiling"]["model_images_per_s"]
-        handler_ms = 1e3 / row["ceiling"]["pipeline_images_per_s"] - model_ms
-        lines.append(f"- {target_variant}, batch {run['server']['batch_size']}, {run['images_per_request']} image(s) "
-                     f"per request, pinning {row['pinning_mode']}: "
-                     f"served/pipeline {_ratio(row['served_over_pipeline'])} (served/model "
-                     f"{_ratio(row['served_over_model'])}), p99 {_ms(run['latency_ms']['p99'])} ms, "
-                     f"{run['failures']} failed requests: **{'met' if met else 'not met'}**. In process the "
-                     f"handler's own work (decode, transforms, softmax, JSON) costs {handler_ms:.2f} ms per image "
-                     f"beside the model's {model_ms:.2f} ms.{busy_sentence(row)}")
-    return lines
+def table(columns: tuple[str, ...], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
 def benchmarks_markdown(sweep: dict[str, Any], data_file: str = "benchmarks.json") -> str:
-    """docs/BENCHMARKS.md: the table, how it was measured, and the commands that reproduce it."""
-    rows = sweep["rows"]
-    header = "| " + " | ".join(BENCHMARK_COLUMNS) + " |"
-    table = [header, "|" + "---|" * len(BENCHMARK_COLUMNS), *("| " + " | ".join(benchmark_row(r)) + " |" for r in rows)]
-    cores = sweep["cores"]
+    """docs/BENCHMARKS.md: the tables, the settings and the commands that reproduce them; the method is
+    described once in docs/LOADTEST.md."""
+    rows, cores = sweep["rows"], sweep["cores"]
+    targets = [target_row(row) for row in rows if row["run"]["variant"] == sweep["target_variant"]]
+    settings = [
+        ("server", f"the shipped config.properties (token auth on, {sweep['server_note']}), "
+                   f"{sweep['model_workers']} worker(s) per model"),
+        ("frontend warm-up", f"{sweep['frontend_warm_up_s']} s of load before the first row"),
+        ("load", f"Locust `RestUser`, {sweep['users']} closed-loop users, "
+                 f"{' or '.join(map(str, sweep['images_per_request']))} image(s) per request from a pool of "
+                 f"{sweep['image_pool']} CIFAR-10 test PNGs, {sweep['run_time_s']} s per row"),
+        ("cores when pinned", f"server {cores['server']}, Locust {cores['locust']}"),
+    ]
     return "\n".join([
         "# Serving benchmarks",
         "",
         f"Generated by `python -m loadtest sweep` on {sweep['date']}; the raw data is in "
-        f"[{data_file}]({data_file}). Do not edit by hand: rerun the sweep.",
+        f"[{data_file}]({data_file}). Do not edit by hand: rerun the sweep. How it is measured and what "
+        "each column means: [LOADTEST.md](LOADTEST.md).",
         "",
         f"**Machine:** {machine_line(sweep['machine'])}.",
         "",
         "## Results",
         "",
-        *table,
+        *table(BENCHMARK_COLUMNS, [benchmark_row(row) for row in rows]),
         "",
-        f"**Target** (served static INT8 >= {TARGET_RATIO:.0%} of its in-process pipeline ceiling, zero failures):",
+        f"## Target: served {sweep['target_variant']} >= {TARGET_RATIO:.0%} of its pipeline ceiling, "
+        "no failed request",
         "",
-        *(target_lines(rows, sweep["target_variant"]) or ["- no static-INT8 row in this sweep"]),
+        *(table(TARGET_COLUMNS, targets) if targets else ["No row of the target variant in this sweep."]),
         "",
-        "## How it was measured",
+        "## Settings",
         "",
-        f"- One TorchServe (the shipped config.properties: token auth on, {sweep['server_note']}) started empty; "
-        "for each row the variant's archive from the model store is registered through the management API "
-        f"with the row's batch size and max batch delay ({sweep['model_workers']} worker(s), the archive's "
-        "`handler.threads` intra-op threads), warmed up, load-tested, then unregistered. The frontend logs "
-        "through the shipped `log4j2.xml` (one access-log line per request; TorchServe's built-in config "
-        "writes ~10 DEBUG/INFO lines per prediction on the thread that feeds the worker).",
-        f"- Frontend warm-up: before the first row the fresh server is loaded for {sweep['frontend_warm_up_s']} s "
-        "(split over the images-per-request values), because the JVM's JIT compiler keeps a core ~15% busy for "
-        "about the first 40 s under load; a row measured during it loses up to ~10% of its throughput.",
-        f"- Load: Locust (`loadtest/locustfile.py`, `RestUser`), {sweep['users']} closed-loop users, "
-        f"{' or '.join(map(str, sweep['images_per_request']))} real CIFAR-10 test PNG(s) per request (the images/request column; "
-        "several are sent as multipart fields, one model row each) cycled from a pool of "
-        f"{sweep['image_pool']}, {sweep['run_time_s']} s per row after a concurrent warm-up. Every answer is "
-        "checked (label, 10 probabilities summing to 1); a wrong answer is a failure. Throughput is "
-        "examples (images) per second from Locust's own CSV (`EXAMPLES` row); latency percentiles are "
-        "per request, from the same CSV (Locust rounds them to 2 significant digits).",
-        "- **mean batch**: images per model call on the worker during the run, from the handler's "
-        "\"batch of N request(s), M image(s)\" log lines: shows whether the batch setting was actually used.",
-        "- **model ceiling**: the serialized model from the same archive (unzipped), run in-process by ONNX "
-        "Runtime or torch.jit at the row's model batch (batch x images/request) and the worker's thread count "
-        "on already decoded, "
-        "normalised images: no decode, no HTTP, no IPC. **served/model** is the share of the model's own "
-        "speed the deployment delivers; everything else is counted as serving cost.",
-        "- **pipeline ceiling**: the archive's own handler called in-process on the same PNGs at the same model "
-        "batch and threads (decode, resize, normalise, model, softmax, JSON), without the TorchServe frontend. "
-        "**served/pipeline** isolates the cost of the server itself (HTTP, batching, frontend-worker IPC).",
-        "- Each ceiling is the fastest of 5 equal windows of its timed seconds, not their mean: a disturbance on "
-        "this shared machine only ever slows a window down, and a lowered ceiling would flatter the ratios.",
-        "- **cores busy F/W/O**: average cores kept busy during the steady part of the run (Locust's history "
-        "minus a second at each end) by the TorchServe frontend (JVM), the model worker, and everything else "
-        "on the machine (Locust, mostly), from the processes' CPU times sampled every 0.5 s. A worker near "
-        "1.00 on its own core means the model's core was saturated; what it spent beyond the ceiling's "
-        "share went to TorchServe's Python worker loop and IPC.",
-        f"- **pinning** (sched_setaffinity on every thread; workers forked later inherit the frontend's mask, "
-        "so the masks are re-applied after each registration; the ceilings are measured on the workers' "
-        f"cores, unpinned for `none`): **`split`**: {PINNING_MODES['split']} (server cores {cores['server']}, "
-        f"Locust cores {cores['locust']}). **`worker`**: {PINNING_MODES['worker']}. **`none`**: "
-        f"{PINNING_MODES['none']}. On a machine this small the load generator competes with the server "
-        "unless pinned.",
+        *table(("", ""), [[key, value] for key, value in settings]),
         "",
         "## Reproduce",
         "",
@@ -231,3 +229,12 @@ def benchmarks_markdown(sweep: dict[str, Any], data_file: str = "benchmarks.json
         + "/<pinning>-<variant>-b<batch>[-i<images per request>]/`.",
         "",
     ])
+
+
+def main(argv: list[str]) -> int:
+    """Render docs/<NAME>.md again from the committed docs/<name>.json, so that report and code agree."""
+    for name in argv:
+        data = Path(name)
+        data.with_name(f"{data.stem.upper()}.md").write_text(benchmarks_markdown(json.loads(data.read_text()),
+                                                                                 data.name))
+    return 0

@@ -5,7 +5,8 @@
 
 Defaults point at the running production server (config.properties' addresses, ./key_file.json).
 Writes into --output-dir Locust's CSV (``locust_stats.csv`` ... ), ``summary.json``, ``summary.md``
-and ``throughput.png``. Exits non-zero if any request failed.
+and ``throughput.png``. Exits non-zero if any request failed or the served accuracy is below what the
+served archive was verified at (see loadtest.check.accuracy_floor).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from handlers.server import REPO_ROOT, SHIPPED_CONFIG, parse_properties
 from handlers.tokens import KeyRing
 from loadtest.affinity import format_cpus, parse_cpus, preexec
 from loadtest.archive import read_archive
+from loadtest.check import accuracy_floor
 from loadtest.entries import USER_CLASSES, request_entry
 from loadtest.images import test_images
 from loadtest.locust_csv import run_stats
@@ -150,6 +152,7 @@ def server_info(management: str, keys: KeyRing, model: str, model_store: Path) -
         "model": described["modelName"], "archive": str(archive_path) if archive else described["modelUrl"],
         "variant": archive.variant if archive else "unknown (archive not in --model-store)",
         "threads": archive.threads if archive else "unknown",
+        "verified_accuracy": archive.metadata.get("verification", {}).get("accuracy") if archive else None,
         "batch_size": described["batchSize"], "max_batch_delay": described["maxBatchDelay"],
         "min_workers": described["minWorkers"], "max_workers": described["maxWorkers"],
         "workers": [{"pid": w.get("pid"), "status": w["status"]} for w in described["workers"]],
@@ -174,11 +177,27 @@ def load_test(spec: LoadSpec, output_dir: Path, model_store: Path, command: str,
         "spawn_rate": spec.spawn_rate or spec.users, "locust_workers": spec.workers, "pinning": pinning,
         **run_stats(csv_prefix, *entry, spec.model), "csv_prefix": str(csv_prefix), "machine": host_machine,
     }
+    summary["accuracy_check"] = accuracy_check(summary, spec.image_pool)
     write_json(output_dir / "summary.json", summary)
     (output_dir / "summary.md").write_text(run_markdown(summary))
     plot_history(csv_prefix, entry, spec.model, output_dir / "throughput.png",
                  f"{spec.model} ({server['variant']}), batch {server['batch_size']}, {spec.users} users")
     return summary
+
+
+def accuracy_check(stats: dict[str, Any], image_pool: int) -> dict[str, Any] | None:
+    """Served accuracy against the archive's verified test accuracy; None when either is unknown."""
+    expected, served = stats["server"].get("verified_accuracy"), stats["served_accuracy"]
+    if expected is None or served is None:
+        return None
+    floor = accuracy_floor(expected, min(image_pool, stats["answered"]))
+    return {"verified_accuracy": expected, "floor": floor, "passed": served >= floor}
+
+
+def passed(summary: dict[str, Any]) -> bool:
+    """No failed request, something answered, and the answers as accurate as the served archive was verified."""
+    check = summary["accuracy_check"]
+    return not summary["failures"] and summary["answered"] > 0 and (check is None or check["passed"])
 
 
 def bounded(low: int, high: int) -> Callable[[str], int]:
@@ -263,4 +282,4 @@ def main(argv: list[str]) -> int:
                        "is it running, and are --host/--management right?\n")
     print((output_dir / "summary.md").read_text())
     print(f"written to {output_dir}")
-    return 1 if summary["failures"] else 0
+    return 0 if passed(summary) else 1

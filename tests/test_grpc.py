@@ -143,15 +143,15 @@ def test_scaling_to_two_workers_and_back_to_one(client: TorchServeGrpc) -> None:
 
 def test_register_a_second_copy_predict_set_default_and_unregister(client: TorchServeGrpc,
                                                                    test_images: list[tuple[bytes, int]]) -> None:
-    image, _ = test_images[0]
+    image, label = test_images[0]
     registered = client.register("cifar10_onnx.mar", name=COPY, initial_workers=1)
     assert registered.startswith(f'Model "{COPY}" Version: ')
     assert registered.endswith("registered with 1 initial workers")
     assert COPY in [model["modelName"] for model in client.list_models()["models"]]
 
-    # The copy serves the same archive, so it answers exactly as the original does.
+    # The copy serves the same archive, so it answers exactly as the original does: the first test image's cat.
     copy, original = client.predict(COPY, image), client.predict("cifar10_onnx", image)
-    assert copy["label"] == original["label"] in CLASSES
+    assert copy["label"] == original["label"] == CLASSES[label]
     assert copy["probabilities"] == pytest.approx(original["probabilities"], abs=1e-4)
 
     version = client.describe(COPY)[0]["modelVersion"]
@@ -223,8 +223,9 @@ def test_a_bad_image_is_refused_with_the_handlers_status_and_message(client: Tor
     assert refused.value.code == 400 and "truncated or corrupt PNG image" in refused.value.message
     with pytest.raises(PredictionError, match="400: empty request body"):
         client.predict("cifar10", b"")
-    # Only that request failed: the worker is still up and classifies the next image.
-    assert client.predict("cifar10", test_images[0][0])["label"] in CLASSES
+    # Only that request failed: the worker is still up and classifies the next image (CIFAR-10's first test cat).
+    image, label = test_images[0]
+    assert CLASSES[label] == "cat" and client.predict("cifar10", image)["label"] == "cat"
 
 
 def test_the_cli_uses_the_key_file_and_reports_grpc_errors(server: TorchServe, tmp_path: Path,
@@ -245,7 +246,7 @@ def test_the_cli_uses_the_key_file_and_reports_grpc_errors(server: TorchServe, t
     image.write_bytes(test_images[0][0])
     predicted = cli("predict", "cifar10", str(image))
     assert predicted.returncode == 0, predicted.stderr
-    assert json.loads(predicted.stdout)[str(image)]["label"] in CLASSES
+    assert json.loads(predicted.stdout)[str(image)]["label"] == CLASSES[test_images[0][1]] == "cat"
 
     missing = cli("describe", "no_such_model")
     assert missing.returncode == 1

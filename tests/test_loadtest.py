@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import psutil
@@ -20,13 +21,14 @@ from handlers.server import TorchServe
 from loadtest.affinity import placement
 from loadtest.archive import read_archive
 from loadtest.ceiling import images_per_second
-from loadtest.check import answer_error
+from loadtest.check import accuracy_floor, answer_error, correct_labels
 from loadtest.cpu_usage import CpuMeter
-from loadtest.entries import EXAMPLES
+from loadtest.entries import CORRECT, EXAMPLES
 from loadtest.locust_csv import history, rates, run_stats
 from loadtest.report import benchmarks_markdown, machine, run_markdown
-from loadtest.run import LoadSpec, load_test
+from loadtest.run import LoadSpec, load_test, main as load_test_cli, passed
 from loadtest.sweep import get_args_parser as sweep_parser, load_window, mean_batch
+from tests.conftest import ports_for
 from training.model import CLASSES
 
 
@@ -37,9 +39,36 @@ def spec_for(server: TorchServe, data_root: Path, **load: object) -> LoadSpec:
 
 
 def csv_row(prefix: Path, request_type: str) -> dict[str, str]:
-    """A row of Locust's own stats CSV, read without the code under test."""
+    """A row of Locust's own stats CSV, read without the code under test (zeros when Locust never logged it)."""
     with open(f"{prefix}_stats.csv", newline="") as handle:
-        return next(row for row in csv.DictReader(handle) if row["Type"] == request_type)
+        return next((row for row in csv.DictReader(handle) if row["Type"] == request_type),
+                    {"Request Count": "0", "Failure Count": "0"})
+
+
+def rotate_classes(source: Path, target: Path) -> None:
+    """A copy of the archive whose class list is rotated by one: the same model and well-formed answers
+    (a CIFAR-10 label, 10 probabilities summing to 1), but the label of every class is its neighbour's."""
+    sidecar = str(Path(read_archive(source).serialized_file).with_suffix(".json"))
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(target, "w") as copy:
+        for item in original.infolist():
+            data = original.read(item)
+            if item.filename == sidecar:
+                metadata = json.loads(data)
+                metadata["classes"] = metadata["classes"][1:] + metadata["classes"][:1]
+                data = json.dumps(metadata).encode()
+            copy.writestr(item, data)
+
+
+@pytest.fixture(scope="module")
+def wrong_model_server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> TorchServe:
+    """The shipped config serving only a class-rotated cifar10.mar, on its own ports."""
+    store = tmp_path_factory.mktemp("wrong-model-store")
+    rotate_classes(model_store / "cifar10.mar", store / "cifar10.mar")
+    server = TorchServe(workdir=tmp_path_factory.mktemp("torchserve-wrong-model"), model_store=store,
+                        overrides=ports_for(18100))
+    server.start(wait_for=["cifar10"])
+    yield server
+    server.stop()
 
 
 @pytest.mark.slow
@@ -49,14 +78,20 @@ def test_short_run_has_no_failures_and_counts_examples(protocol: str, torchserve
     spec = spec_for(torchserve, data_root, protocol=protocol, users=3, run_time_s=4)
     summary = load_test(spec, tmp_path, model_store, "pytest")
 
-    examples = csv_row(tmp_path / "locust", EXAMPLES)
+    examples, correct = csv_row(tmp_path / "locust", EXAMPLES), csv_row(tmp_path / "locust", CORRECT)
     assert int(examples["Request Count"]) > 0
     assert int(examples["Failure Count"]) == 0
     assert summary["failures"] == 0, summary["failure_messages"]
-    assert summary["examples"] == summary["requests"] == int(examples["Request Count"])
-    assert summary["examples_per_s"] > 0 and summary["latency_ms"]["p99"] is not None
-    assert summary["variant"] == read_archive(model_store / "cifar10.mar").variant
-    assert summary["server"]["batch_size"] >= 1 and summary["server"]["workers"]
+    assert summary["examples"] == summary["requests"] == summary["answered"] == int(examples["Request Count"])
+    assert summary["correct"] == int(correct["Request Count"]) <= summary["answered"]
+    # the served model is the verified release model: its answers are as accurate as its verification said
+    assert summary["accuracy_check"]["passed"], summary["accuracy_check"] | {"served": summary["served_accuracy"]}
+    assert summary["goodput_per_s"] == pytest.approx(summary["examples_per_s"] * summary["served_accuracy"])
+    assert passed(summary) and summary["latency_ms"]["p99"] is not None
+    archive = read_archive(model_store / "cifar10.mar")
+    assert summary["variant"] == archive.variant
+    assert summary["server"]["batch_size"] == archive.model_config["batchSize"]
+    assert len(summary["server"]["workers"]) == archive.model_config["minWorkers"]
     for name in ("summary.json", "summary.md", "throughput.png"):
         assert (tmp_path / name).stat().st_size > 0
 
@@ -71,6 +106,9 @@ def test_several_images_per_request_count_as_examples(torchserve: TorchServe, da
     assert int(requests["Failure Count"]) == 0, summary["failure_messages"]
     assert int(requests["Request Count"]) > 0
     assert int(examples["Request Count"]) == 3 * int(requests["Request Count"])
+    # each image of a multipart answer is checked against its own true label
+    assert summary["accuracy_check"]["passed"] and summary["correct"] == int(csv_row(tmp_path / "locust",
+                                                                                     CORRECT)["Request Count"])
     assert summary["examples_per_s"] == pytest.approx(3 * summary["requests_per_s"], rel=1e-6)
 
 
@@ -82,6 +120,32 @@ def test_distributed_locust_master_and_workers_on_loopback(torchserve: TorchServ
     examples = csv_row(tmp_path / "locust", EXAMPLES)
     assert int(examples["Request Count"]) > 0 and int(examples["Failure Count"]) == 0
     assert summary["failures"] == 0, summary["failure_messages"]
+    # the workers' CORRECT entries reach the master's CSV too
+    assert summary["accuracy_check"]["passed"] and summary["correct"] == int(csv_row(tmp_path / "locust",
+                                                                                     CORRECT)["Request Count"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("protocol", "images_per_request"), [("rest", 2), ("grpc", 1)])
+def test_a_wrong_model_shows_up_as_served_accuracy_and_fails_the_run(protocol: str, images_per_request: int,
+                                                                     wrong_model_server: TorchServe, data_root: Path,
+                                                                     tmp_path: Path) -> None:
+    """Every answer of the class-rotated model is well formed, so only the true labels can catch it."""
+    server = wrong_model_server
+    code = load_test_cli(["--host", server.inference_url, "--management", server.management_url,
+                          "--grpc-target", server.grpc_inference_target, "--key-file", str(server.workdir / "key_file.json"),
+                          "--model-store", str(server.model_store), "--protocol", protocol, "--images-per-request",
+                          str(images_per_request), "--users", "2", "--run-time", "3", "--data-dir", str(data_root),
+                          "--image-pool", "32", "--output-dir", str(tmp_path)])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+
+    assert summary["failures"] == 0 and summary["answered"] > 0  # answered, and well formed
+    correct = int(csv_row(tmp_path / "locust", CORRECT)["Request Count"])
+    assert summary["correct"] == correct < summary["answered"] / 2
+    assert summary["served_accuracy"] < summary["accuracy_check"]["floor"] and not summary["accuracy_check"]["passed"]
+    assert summary["goodput_per_s"] < summary["examples_per_s"] / 2
+    assert "too low" in (tmp_path / "summary.md").read_text()
+    assert code == 1
 
 
 def test_answers_are_checked() -> None:
@@ -89,6 +153,8 @@ def test_answers_are_checked() -> None:
     good = {"label": "cat", "probabilities": probabilities}
     assert answer_error(good, CLASSES, 1) is None
     assert answer_error([good, good], CLASSES, 2) is None
+    assert correct_labels(good, ["cat"]) == 1 and correct_labels(good, ["dog"]) == 0
+    assert correct_labels([good, good | {"label": "dog"}], ["cat", "cat"]) == 1
     assert "not a CIFAR-10 class" in answer_error(good | {"label": "lion"}, CLASSES, 1)
     assert "sum to" in answer_error(good | {"probabilities": dict.fromkeys(CLASSES, 0.5)}, CLASSES, 1)
     assert "most probable" in answer_error(good | {"label": "dog"}, CLASSES, 1)
@@ -104,12 +170,14 @@ HISTORY_HEADER = ("Timestamp,User Count,Type,Name,Requests/s,Failures/s,50%,66%,
 
 
 def write_locust_csv(prefix: Path) -> None:
-    """What Locust writes for 40 two-image requests, one of them failed, over 2 seconds."""
+    """What Locust writes for 40 two-image requests over 2 seconds: one failed, 70 of the 78 answered
+    images carried their true label."""
     Path(f"{prefix}_stats.csv").write_text("\n".join([
         STATS_HEADER,
         "POST,/predictions/cifar10,40,1,20,22.5,10,90,800,20.0,0.5,20,21,22,23,30,40,60,90,90,90,90",
         "EXAMPLES,cifar10,80,2,20,22.5,10,90,0,40.0,1.0,20,21,22,23,30,40,60,90,90,90,90",
-        ",Aggregated,120,3,20,22.5,10,90,266,60.0,1.5,20,21,22,23,30,40,60,90,90,90,90", ""]))
+        "CORRECT,cifar10,70,0,20,22.5,10,90,0,36.0,0.0,20,21,22,23,30,40,60,90,90,90,90",
+        ",Aggregated,190,3,20,22.5,10,90,266,96.0,1.5,20,21,22,23,30,40,60,90,90,90,90", ""]))
     Path(f"{prefix}_failures.csv").write_text("\n".join([
         "Method,Name,Error,Occurrences,First Seen,Last Seen",
         "POST,/predictions/cifar10,HTTP 503: busy,1,,",
@@ -127,6 +195,10 @@ def test_summary_and_benchmark_reports(tmp_path: Path) -> None:
     stats = run_stats(prefix, "POST", "/predictions/cifar10", "cifar10")
     assert (stats["requests"], stats["failures"], stats["examples"], stats["example_failures"]) == (40, 1, 80, 2)
     assert (stats["requests_per_s"], stats["examples_per_s"]) == (20.0, 40.0)
+    # answered and correct images over the EXAMPLES entry's window (80 images in 2 s), not CORRECT's own
+    assert (stats["answered"], stats["answered_per_s"]) == (78, 39.0)
+    assert (stats["correct"], stats["goodput_per_s"]) == (70, 35.0)
+    assert stats["served_accuracy"] == pytest.approx(70 / 78)
     assert stats["latency_ms"] == {"p50": 20.0, "p90": 30.0, "p99": 90.0, "avg": 22.5, "max": 90.0}
     assert stats["failure_messages"] == ["1x POST /predictions/cifar10: HTTP 503: busy"]
     # per-second rates from the cumulative counts, using the last row of a second that appears twice
@@ -138,8 +210,12 @@ def test_summary_and_benchmark_reports(tmp_path: Path) -> None:
                "users": 4, "spawn_rate": 4, "run_time_s": 2, "locust_workers": 0,
                "pinning": {"frontend": "0", "workers": "1", "locust": "0"},
                "csv_prefix": str(prefix), "machine": machine(), **stats}
+    summary["accuracy_check"] = {"verified_accuracy": 0.935, "floor": 0.9, "passed": False}
     markdown = run_markdown(summary)
-    assert "| examples/s | 40.0 (80 examples) |" in markdown
+    assert "| goodput (images/s answered with their true label) | 35.0 (70 correct answers) |" in markdown
+    assert ("| served accuracy | 89.7% of 78 answered images (archive verified at 93.5%, floor for this image pool "
+            "90.0%: **too low: a wrong model or wrong preprocessing**) |") in markdown
+    assert "| attempted images/s | 40.0 (80 images sent, 2 in failed requests) |" in markdown
     assert "| latency p50 / p90 / p99 (ms) | 20 / 30 / 90 |" in markdown
     assert "| failures | 1 of 40 requests |" in markdown and "HTTP 503: busy" in markdown
     assert "batch size 8, max batch delay 10 ms" in markdown
@@ -154,18 +230,20 @@ def test_summary_and_benchmark_reports(tmp_path: Path) -> None:
              "images_per_request": [2], "run_time_s": 2, "image_pool": 256, "target_variant": "onnx_int8_static",
              "frontend_warm_up_s": 45, "model_workers": 1, "output_dir": "build/loadtest/sweep", "rows": [row]}
     benchmarks = benchmarks_markdown(sweep, "benchmarks_multi_image.json")
-    assert ("| worker | onnx_int8_static | 8 | 2 | 10 | 4 | 40.0 | 20 | 30 | 90 | 1/40 | 8.0 | 0.30/0.95/0.50 | 50.0 "
-            "| 80% | 44.0 | 91% |") in benchmarks
+    assert ("| worker | onnx_int8_static | 8 | 2 | 10 | 4 | 40.0 | 35.0 | 89.7% | 20 | 30 | 90 | 1/40 | 8.0 "
+            "| 0.30/0.95/0.50 | 50.0 | 80% | 44.0 | 91% |") in benchmarks
     assert "[benchmarks_multi_image.json](benchmarks_multi_image.json)" in benchmarks
-    assert "loaded for 45 s" in benchmarks and "(1 worker(s)" in benchmarks
-    assert "onnx_int8_static, batch 8, 2 image(s) per request, pinning worker:" in benchmarks
-    assert "served/pipeline 91% (served/model 80%), p99 90 ms, 1 failed requests: **not met**" in benchmarks
-    assert "costs 2.73 ms per image beside the model's 20.00 ms" in benchmarks
-    assert "Cores busy: frontend 0.30, worker 0.95, everything else 0.50." in benchmarks
-    # 0.95 cores for 40 images/s is 23.75 ms per image, against 1000/44 = 22.73 ms in process
-    assert "23.75 ms of CPU per served image against 22.73 ms" in benchmarks and "+1.02 ms" in benchmarks
-    assert "With its core to itself, the worker sat idle 5% of the time." in benchmarks
-    assert "python -m loadtest sweep" in benchmarks
+    assert "45 s of load before the first row" in benchmarks and "1 worker(s) per model" in benchmarks
+    # the target row: model 1000/50 = 20 ms and handler 1000/44 - 20 = 2.73 ms per image in process; the worker's
+    # 0.95 cores for 39 answered images/s are 24.36 ms per image, +1.63 ms beyond the in-process 22.73 ms
+    assert ("| onnx_int8_static | 8 | 2 | worker | 91% | 80% | 90 | 1 | 89.7% | **not met** | 20.00 | 2.73 | 24.36 "
+            "| +1.63 | 5% |") in benchmarks
+    assert "python -m loadtest sweep" in benchmarks and "[LOADTEST.md](LOADTEST.md)" in benchmarks
+    # a row recorded before labels were checked shows no goodput rather than a made-up one
+    legacy = {key: value for key, value in summary.items()
+              if key not in ("answered", "answered_per_s", "correct", "goodput_per_s", "served_accuracy",
+                             "accuracy_check")}
+    assert "| 40.0 | n/a | n/a | 20 |" in benchmarks_markdown(sweep | {"rows": [row | {"run": legacy}]})
 
 
 def test_mean_batch_from_worker_log() -> None:
@@ -231,3 +309,12 @@ def test_a_disturbed_second_does_not_lower_the_ceiling() -> None:
 
     rate = images_per_second(run_batch, batch_size=4, seconds=0.5)
     assert 4 / 0.0035 < rate <= 4 / 0.002  # the undisturbed speed, not the mean
+
+
+def test_the_accuracy_floor_separates_a_verified_model_from_a_wrong_one() -> None:
+    """The floor sits a few standard errors below the verified accuracy: an honest sample of the pool stays
+    above it, a model that is right one time in ten does not, and fewer distinct images allow more noise."""
+    verified = 0.935
+    assert 0.5 < accuracy_floor(verified, 32) < accuracy_floor(verified, 256) < accuracy_floor(verified, 10_000) < verified
+    assert 0.1 < accuracy_floor(verified, 32)
+    assert accuracy_floor(1.0, 32) == 1.0

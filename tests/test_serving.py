@@ -4,13 +4,15 @@ from __future__ import annotations
 import io
 import re
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
 
+import psutil
 import pytest
 import requests
 import torch
 from PIL import Image
 
-from handlers.server import REPO_ROOT, TorchServe, anchored_vmargs
+from handlers.server import REPO_ROOT, SHIPPED_CONFIG, TorchServe, anchored_vmargs, parse_properties
 from handlers.tokens import bearer
 from tests.conftest import MODEL_NAMES, RELEASE_CHECKPOINT
 from training.checkpoint import load_checkpoint
@@ -22,8 +24,8 @@ FP32_MODELS = ("cifar10_torchscript", "cifar10_onnx")
 
 def predict(server: TorchServe, model: str, body: bytes | None = None, headers: dict | None = None,
             **kwargs) -> requests.Response:
-    headers = bearer(server.keys["inference"]) | (headers or {})
-    return requests.post(f"{server.inference_url}/predictions/{model}", data=body, headers=headers, timeout=60, **kwargs)
+    return server.call("inference", "POST", f"{server.inference_url}/predictions/{model}", data=body, headers=headers,
+                       timeout=60, **kwargs)
 
 
 def predict_all(server: TorchServe, model: str, bodies: list[bytes]) -> list[requests.Response]:
@@ -147,12 +149,13 @@ BAD_INPUTS = {
 }
 
 
-def test_bad_input_gets_a_4xx_naming_the_problem_and_spares_the_rest_of_the_batch(torchserve, test_images):
-    model = "cifar10_torchscript"
+def test_bad_input_gets_a_4xx_naming_the_problem_and_spares_the_rest_of_the_batch(torchserve, test_images,
+                                                                                   reference_probabilities):
+    model = "cifar10_torchscript"  # fp32: its answers are the checkpoint's own, so neighbours are checked exactly
     worker_pids = [w["pid"] for w in torchserve.describe(model)["workers"]]
     truncated = test_images[0][0][:60]
     bad = [(truncated if body is None else body, status, text) for body, status, text in BAD_INPUTS.values()]
-    good = [(body, 200, CLASSES[label]) for body, label in test_images[:8]]
+    good = [(body, 200, index) for index, (body, _) in enumerate(test_images[:8])]
     # Good and bad requests interleaved and sent at once, so that they share batches.
     plan = [case for pair in zip(good, bad) for case in pair] + good[len(bad):]
     before = len(batch_log_lines(torchserve, model))
@@ -162,6 +165,10 @@ def test_bad_input_gets_a_4xx_naming_the_problem_and_spares_the_rest_of_the_batc
         assert response.status_code == status, response.text
         if status != 200:
             assert expected in response.json()["message"], response.json()
+        else:  # its own answer, as if it had been alone: no row of a rejected neighbour shifted into it
+            reference = reference_probabilities[expected]
+            assert response.json()["label"] == CLASSES[int(reference.argmax())]
+            torch.testing.assert_close(torch.tensor(probabilities_of(response)), reference, atol=1e-4, rtol=0)
     assert [w["pid"] for w in torchserve.describe(model)["workers"]] == worker_pids, "the worker was restarted"
     # At least one batch mixed rejected and accepted requests, and the accepted ones were still answered.
     assert any(0 < rejected < count for count, _, rejected in batch_log_lines(torchserve, model)[before:])
@@ -197,9 +204,20 @@ def test_prometheus_metrics_are_served(torchserve, test_images):
 
 
 def test_every_endpoint_listens_on_loopback_only(torchserve):
+    """The shipped config binds every endpoint to loopback, and the running server (shipped config, test
+    ports) listens on nothing else: no address left to TorchServe's all-interfaces defaults."""
+    shipped = parse_properties(SHIPPED_CONFIG.read_text())
     for key in ("inference_address", "management_address", "metrics_address"):
-        assert torchserve.properties[key].startswith("http://127.0.0.1:")
-    assert torchserve.properties["grpc_inference_address"] == torchserve.properties["grpc_management_address"] == "127.0.0.1"
+        assert urlparse(shipped[key]).hostname == "127.0.0.1", (key, shipped[key])
+    assert shipped["grpc_inference_address"] == shipped["grpc_management_address"] == "127.0.0.1"
+
+    listening = [connection.laddr for process in torchserve.processes()
+                 for connection in process.net_connections(kind="inet") if connection.status == psutil.CONN_LISTEN]
+    ports = {int(urlparse(torchserve.properties[key]).port)
+             for key in ("inference_address", "management_address", "metrics_address")}
+    ports |= {int(torchserve.properties[key]) for key in ("grpc_inference_port", "grpc_management_port")}
+    assert {address.port for address in listening} >= ports  # every endpoint is up ...
+    assert all(address.ip in ("127.0.0.1", "::ffff:127.0.0.1") for address in listening), listening  # ... on loopback
 
 
 def test_the_shipped_logging_config_logs_each_request_once_and_nothing_per_request_at_debug(torchserve, test_images):

@@ -14,6 +14,7 @@ from training.checkpoint import load_checkpoint
 from training.data import CIFAR10, load_split
 from training.model import CLASSES, MEAN, STD, build_model, count_parameters
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--subset-train", "64", "--subset-test", "32", "--batch-size", "32", "--epochs", "2", "--lr", "0.05"]
 
 
@@ -83,7 +84,18 @@ def test_training_writes_a_self_describing_checkpoint_metrics_and_curves(data_ro
     assert metadata["mean"] == list(MEAN) and metadata["std"] == list(STD)
     assert metadata["architecture"] == "resnet18-cifar" and metadata["epochs"] == 2
     assert metadata["recipe"]["batch_size"] == 32 and metadata["recipe"]["label_smoothing"] == 0.1
-    assert 0.0 <= metadata["test_accuracy"] <= 1.0 and metadata["git_revision"]
+    # the recorded accuracy is that of exactly the stored weights, on the test images it names
+    model, _ = load_checkpoint(result["checkpoint"])
+    images, labels = map(torch.stack, zip(*((image, torch.tensor(label)) for image, label
+                                            in load_split(data_root, train=False, subset=32))))
+    with torch.no_grad():
+        accuracy = (model(images).argmax(1) == labels).float().mean().item()
+    assert metadata["test_images"] == 32 and metadata["test_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    # the revision is this checkout's HEAD (marked -dirty when tracked files differ from it)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO_ROOT, check=False).returncode != 0
+    assert metadata["git_revision"] == head + ("-dirty" if dirty else "")
     assert metadata["weights_dtype"] == "float16"
     assert all(t.dtype == torch.float16 for t in payload["state_dict"].values() if t.is_floating_point())
     lines = (tmp_path / "metrics.csv").read_text().splitlines()
