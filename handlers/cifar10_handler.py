@@ -120,10 +120,10 @@ def load_rgb(image: Image.Image) -> Image.Image:
 def upright(image: Image.Image) -> Image.Image:
     """Apply the EXIF orientation (phone photos are stored sideways and say so); broken EXIF is ignored."""
     try:
-        return ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy for the common upright image
     except Exception:  # the pixels are fine; only the metadata is unreadable
         logger.warning("ignoring unreadable EXIF orientation", exc_info=True)
-        return image
+    return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
