@@ -199,7 +199,9 @@ class Cifar10Handler(BaseHandler):
         meta = json.loads(model_path.with_suffix(".json").read_text())
         self.classes: list[str] = list(meta["classes"])
         self.variant: str = meta.get("variant", model_path.stem)
-        self.description = {"variant": self.variant, "classes": self.classes, "input": meta.get("input"),
+        self.description = {"variant": self.variant, "classes": self.classes,
+                            "checkpoint_test_accuracy": meta.get("checkpoint_test_accuracy"),
+                            "accepts": "a PNG or JPEG image as the body, or one per multipart field",
                             "limits": {"max_image_pixels": self.max_pixels, "max_request_pixels": self.max_request_pixels,
                                        "max_images_per_request": self.max_images}}
         self.mean = torch.tensor(meta["mean"], device=self.device).view(1, 3, 1, 1)

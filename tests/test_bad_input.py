@@ -129,6 +129,10 @@ def test_a_describe_header_describes_that_request_only(torchserve, good_images):
                           random.Random(1))
     for response in answers:
         assert response.status_code == 200 and response.json()["classes"] == list(CLASSES)
+    # The management API's customized describe sends exactly such a request.
+    described = requests.get(f"{torchserve.management_url}/models/{MODEL}", params={"customized": "true"},
+                             headers=bearer(torchserve.keys["management"]), timeout=60)
+    assert described.json()[0]["customizedMetadata"]["classes"] == list(CLASSES)
 
 
 def test_the_decode_budget_is_per_request_and_checked_before_decoding(torchserve, good_images):
