@@ -32,6 +32,7 @@ from training.data import default_data_dir
 
 MIB = 2**20
 TARGET_GROWTH = 0.05
+WORKER_SCRIPT = "model_service_worker.py"
 
 
 @dataclass
@@ -42,15 +43,28 @@ class RssSample:
     worker_pids: tuple[int, ...]
 
 
-def rss_sample(server: TorchServe) -> RssSample:
-    frontend, *workers = server.processes()
-    sizes = []
-    for process in workers:
+def model_workers(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """The model workers among the frontend's children (it also runs a metrics collector once a minute)."""
+    workers = []
+    for process in processes:
         try:
-            sizes.append(process.memory_info().rss)
+            if any(WORKER_SCRIPT in part for part in process.cmdline()):
+                workers.append(process)
         except psutil.NoSuchProcess:
             continue
-    return RssSample(time.time(), frontend.memory_info().rss, sum(sizes), tuple(p.pid for p in workers))
+    return workers
+
+
+def rss_sample(server: TorchServe) -> RssSample:
+    frontend, *children = server.processes()
+    sizes, pids = [], []
+    for process in model_workers(children):
+        try:
+            sizes.append(process.memory_info().rss)
+            pids.append(process.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return RssSample(time.time(), frontend.memory_info().rss, sum(sizes), tuple(pids))
 
 
 def sample_until(server: TorchServe, interval: float, stop: threading.Event, samples: list[RssSample]) -> None:
@@ -142,8 +156,8 @@ def main(argv: list[str]) -> int:
             output.mkdir()
             stop = threading.Event()
             sampler = threading.Thread(target=sample_until, args=(server, args.interval, stop, samples), daemon=True)
-            frontend, *workers = server.processes()
-            with CpuMeter(frontend, workers) as meter:
+            frontend, *children = server.processes()
+            with CpuMeter(frontend, model_workers(children)) as meter:
                 start = time.time()
                 sampler.start()
                 prefix = run_locust(spec, output)
