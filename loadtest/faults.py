@@ -136,10 +136,12 @@ def markdown(report: dict[str, Any]) -> str:
     run = report["run"]
     return "\n".join([
         f"Run {report['date']} on {report['machine']['cpu']} ({report['machine']['cores']} cores), "
-        f"other load before the run: {report['other_cpu_percent']:.0f}% of the machine.",
+        f"other load before the run: {report['other_cpu_percent']:.0f}% of the machine busy, load average "
+        f"{report['machine']['load_average']}.",
         f"Command: `{report['command']}`", "",
         f"{report['users']} Locust users, {report['run_time_s']} s, model {report['model']} (batch "
-        f"{report['batch_size']}); whole run: {run['requests']} requests, {run['failures']} failed.", "",
+        f"{report['batch_size']}); whole run: {run['requests']} requests, {run['failures']} failed "
+        f"({'; '.join(run['failure_messages']) or 'none'}).", "",
         *rows, ""])
 
 

@@ -207,8 +207,10 @@ def test_every_jpeg_a_phone_or_camera_writes_is_classified_upright(torchserve, g
 
 CONTENT_TYPES = ["image/png", "image/jpeg", "application/octet-stream", "text/plain", "text/html; charset=utf-8",
                  "application/json", "multipart/form-data; boundary=xyz", "", "image/gif", "x/\u00e9"]
-# Printable Latin-1: what an HTTP/1.1 header value can carry (requests encodes header values as Latin-1).
-header_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"), max_size=40)
+# Printable Latin-1 without leading whitespace: what an HTTP/1.1 header value can carry (requests
+# encodes header values as Latin-1 and refuses leading whitespace).
+header_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"),
+                      max_size=40).map(str.lstrip)
 header_names = st.sampled_from(["describe", "explain", "X-TopK", "x-topk", "topk", "body", "Accept", "X-Anything",
                                 "Content-Encoding", "Transfer-Encoding-Hint", "image0"])
 
@@ -248,7 +250,10 @@ def bad_request(data: st.DataObject, seeds: list[bytes]) -> Request:
     headers = data.draw(st.dictionaries(header_names, header_text, max_size=3))
     if data.draw(st.booleans()):
         fields = data.draw(st.lists(st.tuples(
-            st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=12),
+            # TorchServe's frontend answers a part whose name Java's trim() empties with 500 "empty name"
+            # before any handler runs (docs/SERVING_ROBUSTNESS.md); every other name is fair game.
+            st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=12)
+            .filter(lambda name: any(ord(c) > 0x20 for c in name)),
             st.one_of(st.none(), st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=10)),
             st.sampled_from([None, "image/png", "image/jpeg", "text/plain", "application/json"])),
             min_size=1, max_size=4))
