@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import tempfile
 import threading
@@ -134,6 +135,7 @@ def markdown(report: dict[str, Any]) -> str:
         rows.append(f"| {fault['fault']} | {how[fault['fault']]} | {seconds} | {fault['window']['requests']} "
                     f"| {fault['window']['failures']} | {fault['old_pid']} -> {fault['new_pid']} |")
     run = report["run"]
+    failures = "; ".join(re.sub(r"(\\n|\s)+", " ", message) for message in run["failure_messages"])
     return "\n".join([
         f"Run {report['date']} on {report['machine']['cpu']} ({report['machine']['cores']} cores), "
         f"other load before the run: {report['other_cpu_percent']:.0f}% of the machine busy, load average "
@@ -141,7 +143,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"Command: `{report['command']}`", "",
         f"{report['users']} Locust users, {report['run_time_s']} s, model {report['model']} (batch "
         f"{report['batch_size']}); whole run: {run['requests']} requests, {run['failures']} failed "
-        f"({'; '.join(run['failure_messages']) or 'none'}).", "",
+        f"({failures or 'none'}).", "",
         *rows, ""])
 
 
