@@ -3,10 +3,10 @@
 A TorchServe of its own (shipped config, its own ports, the default model only) under steady Locust
 load for ``--minutes``; the resident memory (RSS) of the Java frontend and of every model worker is
 sampled every ``--interval`` seconds beside Locust's cumulative request count. After ``--warm-up``
-seconds (JIT, allocator arenas, ONNX Runtime's buffers), RSS is fitted against requests served:
+seconds (JIT and heap sizing, allocator arenas, ONNX Runtime's buffers), RSS is fitted against requests served:
 the slope is the growth per 100k requests, and growth over the rest of the run is reported as a
 percentage of the RSS at the end of the warm-up. A leak shows as a slope that does not go away; the
-target is under 5% growth after warm-up.
+target is under 5% growth after warm-up (a shrinking RSS meets it).
 """
 from __future__ import annotations
 
