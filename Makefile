@@ -10,7 +10,7 @@ CHECKPOINT ?= training/release/resnet18_cifar10.pt
 PYTEST_ARGS ?=
 export CIFAR10_ROOT
 
-.PHONY: venv train evaluate model-store grpc serve stop test test-fast loadtest sweep clean
+.PHONY: venv train evaluate model-store grpc serve stop test test-fast loadtest sweep faults soak clean
 
 # torch and torchvision go first and exactly pinned, so that no resolver ever picks another build.
 venv: $(VENV)/.installed
@@ -55,6 +55,14 @@ sweep: venv model-store
 	$(PY) -m loadtest sweep --batch-sizes 1 8 16 --pinning worker none --users 32 --run-time 20 --ceiling-seconds 5
 	$(PY) -m loadtest sweep --batch-sizes 1 4 --images-per-request 8 --pinning worker none --users 16 --run-time 20 \
 		--ceiling-seconds 5 --report-name benchmarks_multi_image
+
+# Worker killed and hung under steady Locust load: recovery time, failed requests (about 3 minutes).
+faults: venv model-store
+	$(PY) -m loadtest faults --report-dir docs
+
+# Memory soak: 10 minutes of steady load, frontend and worker RSS growth per 100k requests.
+soak: venv model-store
+	$(PY) -m loadtest soak --minutes 10 --report-dir docs
 
 clean:
 	rm -rf build model_store runs logs key_file.json

@@ -37,6 +37,19 @@ def requests_status(url: str, timeout: float = 2.0) -> int | None:
         return None
 
 
+def store_only_urls(model_store: Path) -> str:
+    """``allowed_urls`` (TorchServe: comma-separated Java regexes) matching only archives in ``model_store``.
+
+    TorchServe's default, ``file://.*|http(s)?://.*``, lets any holder of the management key make the
+    server download and run an archive from anywhere (CVE-2023-43654). Archives registered by name
+    (``url=cifar10.mar``) are read from the model store and are not URLs, so they stay allowed.
+    """
+    store = str(model_store)
+    if "," in store or "\\E" in store:
+        raise ValueError(f"model store path {store!r} cannot be quoted in allowed_urls")
+    return f"file://\\Q{store}\\E/[^/]+\\.mar"
+
+
 def parse_properties(text: str) -> dict[str, str]:
     pairs = (line.split("=", 1) for line in text.splitlines() if "=" in line and not line.lstrip().startswith("#"))
     return {key.strip(): value.strip() for key, value in pairs}
@@ -61,8 +74,10 @@ class TorchServe:
     """One TorchServe instance run from ``workdir`` with the shipped config plus ``overrides``.
 
     ``overrides`` replace single properties (ports, model_store, load_models ...); everything else,
-    token authorization included, is the shipped production config. ``isolated`` gives the instance
-    its own TMPDIR (tests, sweeps); without it, a plain ``torchserve --stop`` finds and stops it.
+    token authorization included, is the shipped production config. With ``enable_model_api``,
+    ``allowed_urls`` confines registration to the model store unless an override says otherwise.
+    ``isolated`` gives the instance its own TMPDIR (tests, sweeps); without it, a plain
+    ``torchserve --stop`` finds and stops it.
     """
 
     workdir: Path
@@ -77,7 +92,10 @@ class TorchServe:
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
         self.model_store = Path(self.model_store).resolve()
-        self.properties = parse_properties(self.config.read_text()) | {"model_store": str(self.model_store)} | self.overrides
+        store = {"model_store": str(self.model_store)}
+        if self.enable_model_api:
+            store["allowed_urls"] = store_only_urls(self.model_store)
+        self.properties = parse_properties(self.config.read_text()) | store | self.overrides
         if "vmargs" in self.properties:
             self.properties["vmargs"] = anchored_vmargs(self.properties["vmargs"], self.config.resolve().parent)
 
@@ -145,7 +163,8 @@ class TorchServe:
         """Start the server and wait until it answers and the named models have a ready worker."""
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         config = self.effective_config
-        config.write_text("".join(f"{k}={v}\n" for k, v in self.properties.items()))
+        # java.util.Properties reads a backslash as an escape: double it (allowed_urls' regex has some).
+        config.write_text("".join(f"{k}={v}".replace("\\", "\\\\") + "\n" for k, v in self.properties.items()))
         args = ["--start", "--ts-config", str(config), "--ncs"]
         if self.enable_model_api:
             args.append("--enable-model-api")

@@ -1,19 +1,17 @@
-"""``python -m loadtest [options]``: one load test; ``python -m loadtest sweep [options]``: the benchmark sweep;
-``python -m loadtest report docs/benchmarks.json ...``: render a sweep's report again from its JSON."""
+"""``python -m loadtest [options]``: one load test. Subcommands: ``sweep`` (the benchmark sweep),
+``report docs/benchmarks.json ...`` (render a sweep's report again from its JSON), ``faults`` (worker
+faults under load), ``soak`` (the memory soak)."""
 from __future__ import annotations
 
+import importlib
 import sys
+
+SUBCOMMANDS = ("sweep", "report", "faults", "soak")
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["sweep"]:
-        from loadtest import sweep
-
-        return sweep.main(argv[1:])
-    if argv[:1] == ["report"]:
-        from loadtest import report
-
-        return report.main(argv[1:])
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        return importlib.import_module(f"loadtest.{argv[0]}").main(argv[1:])
     from loadtest import run
 
     return run.main(argv)

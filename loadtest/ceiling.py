@@ -69,8 +69,8 @@ class _Context:
         self.manifest = archive.manifest
         self.model_yaml_config = archive.model_config
 
-    def get_request_header(self, idx: int, key: str) -> None:
-        return None
+    def get_all_request_header(self, idx: int) -> dict[str, str]:
+        return {}
 
 
 def import_handler(path: Path, module_name: str) -> ModuleType:

@@ -173,6 +173,46 @@ def test_register_a_second_copy_predict_set_default_and_unregister(client: Torch
     assert unknown.code() == grpc.StatusCode.INTERNAL and f"Model not found: {COPY}" in unknown.details()
 
 
+def register_over_rest(server: TorchServe, url: str, name: str) -> requests.Response:
+    return requests.post(f"{server.management_url}/models", params={"url": url, "model_name": name},
+                         headers=bearer(server.keys["management"]), timeout=120)
+
+
+def test_the_model_api_registers_archives_from_the_model_store_only(client: TorchServeGrpc, server: TorchServe,
+                                                                     tmp_path: Path) -> None:
+    """allowed_urls confines registration to the store: TorchServe's default fetches and runs any
+    http(s) or file URL (CVE-2023-43654). By name (the test above) registration still works."""
+    outside = tmp_path / "cifar10_outside.mar"
+    outside.write_bytes((server.model_store / "cifar10_onnx.mar").read_bytes())
+    refused = {
+        "http://127.0.0.1:9/cifar10_remote.mar": "does not match any allowed URL",
+        "https://example.com/models/cifar10_remote.mar": "does not match any allowed URL",
+        outside.as_uri(): "does not match any allowed URL",
+        f"FILE://{outside}": "does not match any allowed URL",
+        f"{(server.model_store / 'cifar10_onnx.mar').as_uri()[:-len('cifar10_onnx.mar')]}../x/cifar10_outside.mar":
+            "Relative path is not allowed",
+    }
+    for url, reason in refused.items():
+        response = register_over_rest(server, url, "intruder")
+        assert response.status_code == 404 and reason in response.json()["message"], (url, response.text)
+    assert not (server.model_store / outside.name).exists()  # nothing was copied into the store either
+    grpc_refused = status_of(lambda: client.register("http://127.0.0.1:9/cifar10_remote.mar", name="intruder"))
+    assert grpc_refused.code() == grpc.StatusCode.NOT_FOUND
+    assert "intruder" not in [model["modelName"] for model in client.list_models()["models"]]
+
+
+@pytest.mark.xfail(strict=True, reason="TorchServe 0.12 loads a model *directory* from any local path: allowed_urls "
+                                       "only governs URLs (docs/SERVING_ROBUSTNESS.md)")
+def test_a_model_directory_outside_the_store_is_refused(server: TorchServe, tmp_path: Path) -> None:
+    with zipfile.ZipFile(server.model_store / "cifar10_onnx.mar") as archive:
+        archive.extractall(tmp_path / "unpacked")
+    response = register_over_rest(server, str(tmp_path / "unpacked"), "intruder_dir")
+    if response.ok:
+        requests.delete(f"{server.management_url}/models/intruder_dir", headers=bearer(server.keys["management"]),
+                        timeout=120)
+    assert not response.ok
+
+
 def test_grpc_predictions_equal_rest_and_are_accurate(client: TorchServeGrpc, server: TorchServe,
                                                       test_images: list[tuple[bytes, int]]) -> None:
     def over_rest(image: bytes) -> dict:
