@@ -195,6 +195,11 @@ def test_production_config_keeps_the_model_api_off(torchserve):
                              headers=bearer(torchserve.keys["management"]), timeout=30)
     # TorchServe's REST frontend answers a disabled model API with 405 (gRPC: PERMISSION_DENIED).
     assert response.status_code == 405 and "not allowed" in response.json()["message"]
+    # Should an operator enable it with the shipped file, no URL is allowed (CVE-2023-43654); only names.
+    allowed = parse_properties(SHIPPED_CONFIG.read_text())["allowed_urls"].split(",")
+    for url in ("http://example.com/evil.mar", "https://example.com/evil.mar", "file:///tmp/evil.mar",
+                f"file://{torchserve.model_store}/cifar10.mar"):
+        assert not any(re.fullmatch(pattern, url) for pattern in allowed), url
 
 
 def test_prometheus_metrics_are_served(torchserve, test_images):
