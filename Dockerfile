@@ -13,8 +13,15 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 
-# The pinned stack from pyproject.toml in /opt/venv, torch and torchvision first and exactly pinned.
-# PyPI's torch wheel is the CUDA build: the same image serves on CPU nodes and on GPU nodes.
+# The runtime dependencies of pyproject.toml as a requirements file: the next stage's cache then
+# depends on them alone, not on the rest of pyproject.toml (dev extras, tool settings).
+FROM python AS requirements
+COPY pyproject.toml /tmp/pyproject.toml
+RUN python3 -c 'import tomllib; print("\n".join(tomllib.load(open("/tmp/pyproject.toml", "rb"))["project"]["dependencies"]))' \
+        > /tmp/requirements.txt
+
+# The pinned stack in /opt/venv, torch and torchvision first and exactly pinned. PyPI's torch wheel
+# is the CUDA build: the same image serves on CPU nodes and on GPU nodes.
 # A TLS-intercepting egress proxy needs its CA: --secret id=extra_ca,src=FILE adds it for pip in
 # this step only; a secret mount is never stored in a layer.
 FROM python AS deps
@@ -25,15 +32,13 @@ RUN apt-get update \
  && python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-COPY pyproject.toml /tmp/pyproject.toml
+COPY --from=requirements /tmp/requirements.txt /tmp/requirements.txt
 RUN --mount=type=secret,id=extra_ca --mount=type=cache,target=/root/.cache/pip \
     set -eu; \
     if [ -s /run/secrets/extra_ca ]; then \
         cat /etc/ssl/certs/ca-certificates.crt /run/secrets/extra_ca > /tmp/ca.pem; \
         export PIP_CERT=/tmp/ca.pem; \
     fi; \
-    python -c 'import tomllib; print("\n".join(tomllib.load(open("/tmp/pyproject.toml", "rb"))["project"]["dependencies"]))' \
-        > /tmp/requirements.txt; \
     grep -E '^(torch|torchvision)==' /tmp/requirements.txt > /tmp/torch.txt; \
     pip install -r /tmp/torch.txt; \
     pip install -r /tmp/requirements.txt; \
