@@ -64,7 +64,8 @@ COPY training /src/training
 COPY export /src/export
 COPY handlers /src/handlers
 COPY loadtest /src/loadtest
-RUN pip install --no-deps --no-cache-dir /src
+# The stack is in place already: no resolver, no build isolation (which would fetch setuptools again).
+RUN pip install --no-deps --no-build-isolation --no-cache-dir /src
 
 FROM python AS runtime
 # Java 17 for TorchServe's frontend; tini as PID 1 forwards signals to both processes and reaps.
