@@ -8,9 +8,10 @@ PY := $(VENV)/bin/python
 CIFAR10_ROOT ?= data
 CHECKPOINT ?= training/release/resnet18_cifar10.pt
 PYTEST_ARGS ?=
+, := ,
 export CIFAR10_ROOT
 
-.PHONY: venv train evaluate model-store grpc serve stop test test-fast loadtest sweep faults soak clean
+.PHONY: venv train evaluate model-store grpc serve stop test test-fast loadtest sweep faults soak image image-test clean
 
 # torch and torchvision go first and exactly pinned, so that no resolver ever picks another build.
 venv: $(VENV)/.installed
@@ -63,6 +64,30 @@ faults: venv model-store
 # Memory soak: 10 minutes of steady load, frontend and worker RSS growth per 100k requests.
 soak: venv model-store
 	$(PY) -m loadtest soak --minutes 10 --report-dir docs
+
+# The container image (Dockerfile, docs/DEPLOY.md). CIFAR-10 is staged into the build context as hard
+# links (a copy across file systems) for the export stage only; EXTRA_CA=FILE hands pip a proxy's CA
+# as a build secret; BASE_IMAGE picks the Debian base. Build time and size go to build/image/image.json.
+DOCKER ?= docker
+IMAGE ?= cifar10-serve:latest
+BASE_IMAGE ?= debian:bookworm-slim
+DOCKER_BUILD_ARGS ?=
+image:
+	test -f $(CIFAR10_ROOT)/cifar-10-batches-py/test_batch
+	rm -rf build/image/cifar10 && mkdir -p build/image/cifar10
+	cp -rl $(CIFAR10_ROOT)/cifar-10-batches-py build/image/cifar10/ 2>/dev/null \
+		|| cp -r $(CIFAR10_ROOT)/cifar-10-batches-py build/image/cifar10/
+	start=$$(date +%s); \
+	DOCKER_BUILDKIT=1 $(DOCKER) build --tag $(IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+		--build-arg CIFAR10_DIR=build/image/cifar10 $(if $(EXTRA_CA),--secret id=extra_ca$(,)src=$(EXTRA_CA)) \
+		$(DOCKER_BUILD_ARGS) . ; \
+	status=$$?; seconds=$$(( $$(date +%s) - start )); rm -rf build/image/cifar10; test $$status -eq 0 && \
+	printf '{"image": "%s", "base_image": "%s", "build_seconds": %d, "size_bytes": %s}\n' "$(IMAGE)" \
+		"$(BASE_IMAGE)" $$seconds $$($(DOCKER) image inspect -f '{{.Size}}' $(IMAGE)) | tee build/image/image.json
+
+# Runs the built image and talks to it on 127.0.0.1 only (tests/test_image.py).
+image-test: venv grpc
+	IMAGE=$(IMAGE) DOCKER=$(DOCKER) $(PY) -m pytest tests/test_image.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf build model_store runs logs key_file.json

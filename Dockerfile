@@ -1,0 +1,101 @@
+# CIFAR-10 classifier on TorchServe: the pinned stack, a model store exported and verified at build
+# time, the shipped config.properties with container addresses layered on top, a non-root user.
+#   make image                       (docs/DEPLOY.md: build arguments, the local base, the CA secret)
+# Needs BuildKit (secret and cache mounts): Docker 23+ builds with it by default.
+ARG BASE_IMAGE=debian:bookworm-slim
+
+# Debian's Python 3.11, the version the project requires, on whichever Debian base is chosen.
+FROM ${BASE_IMAGE} AS python
+ENV DEBIAN_FRONTEND=noninteractive
+# Debian packages are left to the base's release (bookworm's security updates), not pinned (DL3008).
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+
+# The runtime dependencies of pyproject.toml as a requirements file: the next stage's cache then
+# depends on them alone, not on the rest of pyproject.toml (dev extras, tool settings).
+FROM python AS requirements
+COPY pyproject.toml /tmp/pyproject.toml
+RUN python3 -c 'import tomllib; print("\n".join(tomllib.load(open("/tmp/pyproject.toml", "rb"))["project"]["dependencies"]))' \
+        > /tmp/requirements.txt
+
+# The pinned stack in /opt/venv, torch and torchvision first and exactly pinned. PyPI's torch wheel
+# is the CUDA build: the same image serves on CPU nodes and on GPU nodes.
+# A TLS-intercepting egress proxy needs its CA: --secret id=extra_ca,src=FILE adds it for pip in
+# this step only; a secret mount is never stored in a layer.
+FROM python AS deps
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3-venv \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+COPY --from=requirements /tmp/requirements.txt /tmp/requirements.txt
+RUN --mount=type=secret,id=extra_ca --mount=type=cache,target=/root/.cache/pip \
+    set -eu; \
+    if [ -s /run/secrets/extra_ca ]; then \
+        cat /etc/ssl/certs/ca-certificates.crt /run/secrets/extra_ca > /tmp/ca.pem; \
+        export PIP_CERT=/tmp/ca.pem; \
+    fi; \
+    grep -E '^(torch|torchvision)==' /tmp/requirements.txt > /tmp/torch.txt; \
+    pip install -r /tmp/torch.txt; \
+    pip install -r /tmp/requirements.txt; \
+    rm -f /tmp/ca.pem
+
+# python -m export: TorchScript and ONNX variants, each verified against the checkpoint on the real
+# CIFAR-10 test set, packed into model_store/ only if all pass. CIFAR-10 stays in this stage.
+FROM deps AS model-store
+ARG CIFAR10_DIR=data
+ARG EXPORT_ARGS=""
+WORKDIR /src
+COPY ${CIFAR10_DIR}/cifar-10-batches-py /data/cifar-10-batches-py
+COPY training training
+COPY export export
+COPY handlers/__init__.py handlers/cifar10_handler.py handlers/
+# hadolint ignore=SC2086
+RUN python -m export --data-dir /data --report-dir build/report $EXPORT_ARGS
+
+# The project itself (handlers.health, the gRPC client, the Locust users) into the same venv.
+FROM deps AS app
+COPY pyproject.toml README.md /src/
+COPY training /src/training
+COPY export /src/export
+COPY handlers /src/handlers
+COPY loadtest /src/loadtest
+# The stack is in place already: no resolver, no build isolation (which would fetch setuptools again).
+RUN pip install --no-deps --no-build-isolation --no-cache-dir /src
+
+FROM python AS runtime
+# Java 17 for TorchServe's frontend; tini as PID 1 forwards signals to both processes and reaps.
+# hadolint ignore=DL3008
+RUN mkdir -p /usr/share/man/man1 \
+ && apt-get update \
+ && apt-get install -y --no-install-recommends openjdk-17-jre-headless tini \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --user-group --create-home --home-dir /var/lib/torchserve \
+        --shell /usr/sbin/nologin torchserve
+COPY --from=app /opt/venv /opt/venv
+COPY --from=model-store /src/model_store /app/model_store
+COPY config.properties log4j2.xml deploy/docker/config.container.properties deploy/docker/entrypoint.sh /app/
+# The shipped production config, then the container's few overrides (java.util.Properties and
+# TorchServe's launcher both keep the last value of a key).
+RUN cat /app/config.properties /app/config.container.properties > /app/config.effective.properties
+# TS_WORKDIR is TorchServe's working directory: key_file.json and logs/ are written there. Mount a
+# volume on it to hand the keys to a client (docs/DEPLOY.md).
+ENV PATH=/opt/venv/bin:$PATH \
+    TS_CONFIG=/app/config.effective.properties \
+    TS_WORKDIR=/var/lib/torchserve \
+    LOG_LOCATION=/var/lib/torchserve/logs \
+    METRICS_LOCATION=/var/lib/torchserve/logs \
+    HEALTH_BIND=0.0.0.0:8083
+USER 10001:10001
+WORKDIR /var/lib/torchserve
+VOLUME ["/var/lib/torchserve"]
+# REST inference, metrics (Prometheus), gRPC inference, health (/live, /ready). Management stays on
+# the container's loopback (config.container.properties).
+EXPOSE 8080 8082 7070 8083
+HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
+    CMD ["python", "-m", "handlers.health", "check", "ready", "--url", "http://127.0.0.1:8083"]
+ENTRYPOINT ["/usr/bin/tini", "-g", "--", "/app/entrypoint.sh"]

@@ -1,0 +1,12 @@
+#!/bin/sh
+# The container's processes: the secret-free health server (GET /live, /ready on HEALTH_BIND) and the
+# key renewer (keeps key_file.json valid: clients outside cannot reach the token API) in the
+# background, TorchServe in the foreground. tini (PID 1, -g) signals all of them on stop.
+set -eu
+cd "$TS_WORKDIR"
+mkdir -p "$LOG_LOCATION"
+# A restarted container keeps /tmp: a stale pid file would make TorchServe refuse to start.
+rm -f "${TMPDIR:-/tmp}/.model_server.pid"
+python -m handlers.health serve --bind "$HEALTH_BIND" --workdir "$TS_WORKDIR" --config "$TS_CONFIG" &
+python -m handlers.renewer --workdir "$TS_WORKDIR" --config "$TS_CONFIG" &
+exec torchserve --start --foreground --ts-config "$TS_CONFIG" --ncs

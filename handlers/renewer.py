@@ -1,0 +1,80 @@
+"""Keeps key_file.json valid for clients that cannot renew keys: renews each key before it expires.
+
+A client renews an expired key through the token API on the management address (docs/OPERATIONS.md).
+In the container image the management API listens on the container's loopback only, so a client
+outside, reading key_file.json from the mounted working directory, cannot. This loop, started by the
+image's entrypoint beside TorchServe, renews the inference and management keys ``margin`` seconds
+before they expire, so the file always holds valid keys. Renewal invalidates the old key at once: a
+client refused once re-reads the file and retries (what :class:`handlers.tokens.KeyRing` does, even
+without a management URL).
+
+    python -m handlers.renewer --workdir /var/lib/torchserve --config config.properties
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import requests
+
+from handlers.tokens import KINDS, Kind, bearer, read_key_file
+
+
+def parse_instant(text: str) -> datetime:
+    """A Java ``Instant.toString()`` (``2026-11-28T20:26:35.123456789Z``) as an aware datetime."""
+    whole, _, fraction = text.rstrip("Z").partition(".")
+    return datetime.fromisoformat(whole).replace(tzinfo=timezone.utc) + timedelta(
+        microseconds=int((fraction or "0")[:6].ljust(6, "0")))
+
+
+def renew_due(key_file: Path, management_url: str, margin: timedelta, timeout: float = 10.0) -> list[Kind]:
+    """Renew every key that expires within ``margin``; the kinds renewed.
+
+    Holds the same exclusive lock as KeyRing.renew, so a client renewing at the same moment waits and
+    then finds the new key instead of renewing it away again.
+    """
+    with open(key_file) as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        entries = json.loads(key_file.read_text())
+        api_key = read_key_file(key_file)["API"]
+        now = datetime.now(timezone.utc)
+        due = [kind for kind in KINDS if parse_instant(entries[kind]["expiration time"]) - now <= margin]
+        for kind in due:
+            response = requests.post(f"{management_url.rstrip('/')}/token", params={"type": kind},
+                                     headers=bearer(api_key), timeout=timeout)
+            response.raise_for_status()
+    return due
+
+
+def main(argv: list[str] | None = None) -> int:
+    from handlers.server import parse_properties
+
+    parser = argparse.ArgumentParser(prog="python -m handlers.renewer", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=Path.cwd(), help="TorchServe's start directory (key_file.json)")
+    parser.add_argument("--config", type=Path, required=True, help="TorchServe's config, for its management address")
+    parser.add_argument("--margin", type=float, default=300, help="renew this many seconds before expiry (default: 300)")
+    parser.add_argument("--interval", type=float, default=30, help="seconds between checks (default: 30)")
+    args = parser.parse_args(argv)
+    if args.margin <= args.interval:
+        parser.error("--margin must exceed --interval, or a key could expire between two checks")
+    management_url = parse_properties(args.config.read_text())["management_address"]
+    key_file = args.workdir / "key_file.json"
+    while True:
+        time.sleep(args.interval)
+        try:
+            renewed = renew_due(key_file, management_url, timedelta(seconds=args.margin))
+        except (OSError, ValueError, KeyError, requests.RequestException) as error:
+            # TorchServe not up yet (no key file, nothing listening) or restarting: try again later.
+            print(f"key renewal skipped: {type(error).__name__}", file=sys.stderr, flush=True)
+            continue
+        if renewed:
+            print(f"renewed the {' and '.join(renewed)} key(s)", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

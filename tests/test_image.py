@@ -1,0 +1,182 @@
+"""The built container image, run the way torchserve.yaml runs it (`make image-test`).
+
+Skipped unless IMAGE names a built image (make image-test sets it): Docker and a ~10 GB image are
+not part of the default suite. The container runs as the image's non-root user with a read-only root
+file system, a tmpfs /tmp, no capabilities and the manifest's memory limit; its working directory is
+a host directory, which is how a client gets key_file.json. The test talks to it only on 127.0.0.1
+(ports published there), never on a bridge address.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import requests
+import torch
+import yaml
+
+from handlers.grpc_client import PredictionError, TorchServeGrpc
+from handlers.server import REPO_ROOT
+from handlers.tokens import bearer, read_key_file
+from tests.conftest import PORT_OFFSET
+from tests.test_serving import probabilities_of, reference_probabilities  # noqa: F401 (fixture)
+from training.model import CLASSES
+
+IMAGE = os.environ.get("IMAGE")
+DOCKER = os.environ.get("DOCKER", "docker")
+pytestmark = pytest.mark.skipif(not IMAGE, reason="needs a built image: make image-test")
+
+CONTAINER_PORTS = {"http": 8080, "grpc": 7070, "metrics": 8082, "health": 8083}
+HOST_PORTS = {name: 18400 + PORT_OFFSET + i for i, name in enumerate(CONTAINER_PORTS)}
+WORKDIR = "/var/lib/torchserve"
+START_TIMEOUT = 600
+RESULTS = REPO_ROOT / "build" / "image" / "image-test.json"
+
+
+def docker(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([DOCKER, *args], capture_output=True, text=True, check=check, timeout=timeout)
+
+
+def manifest_memory_limit() -> str:
+    deployment = next(yaml.safe_load_all((REPO_ROOT / "deploy" / "kubernetes" / "torchserve.yaml").read_text()))
+    limit = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+    return limit.replace("Gi", "g").replace("Mi", "m")
+
+
+class Container:
+    def __init__(self, name: str, workdir: Path) -> None:
+        self.name = name
+        self.workdir = workdir
+
+    def url(self, port: str) -> str:
+        return f"http://127.0.0.1:{HOST_PORTS[port]}"
+
+    @property
+    def keys(self) -> dict[str, str]:
+        return read_key_file(self.workdir / "key_file.json")
+
+    def health(self) -> str:
+        return docker("inspect", "-f", "{{.State.Health.Status}}", self.name).stdout.strip()
+
+    def exec(self, *command: str) -> subprocess.CompletedProcess:
+        return docker("exec", self.name, *command, check=False)
+
+    def stop(self) -> int:
+        """``docker stop`` (SIGTERM, SIGKILL after 60 s); records what the run measured; the exit code."""
+        if docker("inspect", "-f", "{{.State.Running}}", self.name).stdout.strip() == "true":
+            memory = docker("stats", "--no-stream", "--format", "{{.MemUsage}}", self.name).stdout.strip()
+            stopping = time.monotonic()
+            docker("stop", "--time", "60", self.name, timeout=120)
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            RESULTS.write_text(json.dumps({
+                "image": IMAGE, "seconds_to_healthy": round(getattr(self, "seconds_to_healthy", -1), 1),
+                "memory_before_stop": memory, "stop_seconds": round(time.monotonic() - stopping, 1),
+            }, indent=2) + "\n")
+        return int(docker("inspect", "-f", "{{.State.ExitCode}}", self.name).stdout.strip())
+
+
+@pytest.fixture(scope="module")
+def container(tmp_path_factory: pytest.TempPathFactory) -> Container:
+    workdir = tmp_path_factory.mktemp("image-workdir")
+    uid, gid = docker("image", "inspect", "-f", "{{.Config.User}}", IMAGE).stdout.strip().split(":")
+    try:
+        os.chown(workdir, int(uid), int(gid))  # the volume must be writable by the image's user
+    except PermissionError:  # not root: let anyone write it
+        workdir.chmod(0o777)
+    name = f"cifar10-image-test-{os.getpid()}"
+    publish = [f"--publish=127.0.0.1:{HOST_PORTS[p]}:{port}" for p, port in CONTAINER_PORTS.items()]
+    started = time.monotonic()
+    docker("run", "--detach", "--name", name, "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
+           "--security-opt", "no-new-privileges", "--memory", manifest_memory_limit(),
+           "--volume", f"{workdir}:{WORKDIR}", *publish, IMAGE)
+    box = Container(name, workdir)
+    try:
+        while (status := box.health()) != "healthy":
+            assert status in ("starting", ""), f"container {status}: {docker('logs', name, check=False).stderr[-3000:]}"
+            assert time.monotonic() - started < START_TIMEOUT, "not healthy in time"
+            time.sleep(2)
+        box.seconds_to_healthy = time.monotonic() - started
+        yield box
+    finally:
+        box.stop()
+        logs = docker("logs", name, check=False)
+        docker("rm", "--force", name, check=False)
+        (RESULTS.parent / "container.log").write_text(logs.stdout + logs.stderr)
+
+
+def test_runs_as_the_images_non_root_user(container: Container) -> None:
+    assert container.exec("id", "-u").stdout.strip() == "10001"
+    assert container.exec("touch", "/var/tmp/probe").returncode != 0  # world-writable, but the root fs is read-only
+
+
+def test_health_endpoints_need_no_secret_and_say_nothing_else(container: Container) -> None:
+    for probe, status in (("live", "alive"), ("ready", "ready")):
+        response = requests.get(f"{container.url('health')}/{probe}", timeout=10)
+        assert response.status_code == 200 and response.json() == {"status": status}
+
+
+def test_key_file_is_written_to_the_mounted_working_directory(container: Container) -> None:
+    keys = container.keys
+    assert set(keys) == {"inference", "management", "API"} and all(keys.values())
+
+
+def test_rest_predictions_with_the_token(container: Container, test_images, reference_probabilities) -> None:  # noqa: F811
+    key = container.keys["inference"]
+    for model in ("cifar10_torchscript", "cifar10"):
+        responses = [requests.post(f"{container.url('http')}/predictions/{model}", data=body, timeout=60,
+                                   headers=bearer(key) | {"Content-Type": "image/png"}) for body, _ in test_images]
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200][:3]
+        served = torch.tensor([probabilities_of(r) for r in responses])
+        if model == "cifar10_torchscript":  # fp32: the checkpoint's own numbers
+            torch.testing.assert_close(served, reference_probabilities, atol=1e-4, rtol=0)
+        else:  # the default static INT8 variant: the same standard as tests/test_serving.py
+            assert (served.argmax(1) == reference_probabilities.argmax(1)).float().mean() >= 0.95
+
+
+def test_grpc_predictions_with_the_token(container: Container, test_images) -> None:
+    client = TorchServeGrpc(f"127.0.0.1:{HOST_PORTS['grpc']}", "127.0.0.1:1", keys=container.keys)
+    body, label = test_images[0]
+    assert client.predict("cifar10", body)["label"] == CLASSES[label]
+    with pytest.raises(PredictionError) as refused:
+        client.predict("cifar10", b"not an image")
+    assert refused.value.code == 415
+    anonymous = TorchServeGrpc(f"127.0.0.1:{HOST_PORTS['grpc']}", "127.0.0.1:1", keys=None)
+    with pytest.raises(grpc.RpcError) as denied:
+        anonymous.predict("cifar10", body)
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_bad_input_and_missing_token_are_refused(container: Container, test_images) -> None:
+    url = f"{container.url('http')}/predictions/cifar10"
+    bad = requests.post(url, data=b"not an image", timeout=60,
+                        headers=bearer(container.keys["inference"]) | {"Content-Type": "application/octet-stream"})
+    assert bad.status_code == 415 and bad.json()["type"] == "BadInput"
+    anonymous = requests.post(url, data=test_images[0][0], headers={"Content-Type": "image/png"}, timeout=60)
+    assert anonymous.status_code == 400 and "Token Authorization failed" in anonymous.text
+
+
+def test_management_api_listens_on_the_containers_loopback_only(container: Container) -> None:
+    probe = ("import socket, sys; host = sys.argv[1]; s = socket.socket(); s.settimeout(3); "
+             "print(s.connect_ex((host, 8081)))")
+    own_address = container.exec("python", "-c", "import socket; print(socket.gethostbyname(socket.gethostname()))")
+    assert container.exec("python", "-c", probe, "127.0.0.1").stdout.strip() == "0"
+    assert container.exec("python", "-c", probe, own_address.stdout.strip()).stdout.strip() != "0"
+
+
+def test_metrics_carry_the_autoscalers_counter(container: Container) -> None:
+    rules = yaml.safe_load(next(yaml.safe_load_all(
+        (REPO_ROOT / "deploy" / "kubernetes" / "prometheus-adapter-rules.yaml").read_text()))["data"]["config.yaml"])
+    metric = rules["rules"][0]["seriesQuery"].split("{", 1)[0]
+    text = requests.get(f"{container.url('metrics')}/metrics", timeout=10).text
+    assert f"# TYPE {metric} counter" in text and f'{metric}{{' in text
+
+
+def test_stops_on_sigterm_before_the_grace_period(container: Container) -> None:
+    """Runs last: tini hands SIGTERM to TorchServe and the health server; nothing needs SIGKILL (137)."""
+    assert container.stop() != 137
+    assert not json.loads(RESULTS.read_text())["stop_seconds"] >= 60
