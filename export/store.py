@@ -24,6 +24,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 STAMP = "export-stamp.json"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Everything besides the checkpoint and the handler that determines what the archives hold:
@@ -84,6 +86,14 @@ def exchange(staging: Path, store: Path) -> None:
     parked.rename(staging)
 
 
+def remove_abandoned_staging(store: Path) -> None:
+    """Staging directories of exports that were killed (their process is gone)."""
+    for path in store.parent.glob(f".{store.name}.staging-*"):
+        pid = path.name.rsplit("-", 1)[-1].removesuffix(".old")
+        if not pid.isdigit() or int(pid) == os.getpid() or not psutil.pid_exists(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 @contextmanager
 def replacing(store: Path, rebuilt: Iterable[str]) -> Iterator[Path]:
     """A staging directory holding the current store minus the ``rebuilt`` archives; swapped in on success.
@@ -94,8 +104,8 @@ def replacing(store: Path, rebuilt: Iterable[str]) -> Iterator[Path]:
     """
     store = Path(store).resolve()
     store.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_staging(store)
     staging = store.with_name(f".{store.name}.staging-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     skip = {f"{name}.mar" for name in rebuilt} | {STAMP}
     try:

@@ -295,6 +295,14 @@ def test_partial_export_merges_with_the_small_store(small_store: Path) -> None:
     assert not staging_dirs(small_store)
 
 
+def test_staging_left_by_a_killed_export_is_removed(small_store: Path) -> None:
+    abandoned = small_store.with_name(f".{small_store.name}.staging-999999999")
+    abandoned.mkdir()
+    with replacing(small_store, ["cifar10_onnx"]) as staging:
+        (staging / "cifar10_onnx.mar").write_bytes(b"new archive")
+    assert not staging_dirs(small_store)
+
+
 def test_served_store_is_current_and_fully_verified(model_store: Path) -> None:
     """What the serving tests use: archives of this tree's code, verified on all 10,000 test images."""
     args = get_args_parser().parse_args(["--checkpoint", str(RELEASE_CHECKPOINT), "--handler", str(HANDLER),
