@@ -323,14 +323,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     artifacts: dict[str, tuple[Path, Path]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         built, fp32_onnx = build_artifacts(model, variants, output_dir, Path(scratch), args)
+        described = {}  # metadata goes in first, so that the verified bytes are the packed bytes
+        for variant, (path, fields) in built.items():
+            metadata = {"variant": variant, "file": path.name, **common, **fields}
+            described[variant] = embed_onnx_metadata(path, metadata) if fields["format"] == "onnx" else metadata
         floor_variant, floor_path = ("onnx", fp32_onnx) if fp32_onnx else ("torchscript", built["torchscript"][0])
         floor, floor_logits = check_floor(floor_variant, floor_path, reference, images, labels,
                                           checkpoint_metadata, args)
-        for variant, (path, fields) in built.items():
-            metadata = {"variant": variant, "file": path.name, **common, **fields}
-            if fields["format"] == "onnx":
-                metadata = embed_onnx_metadata(path, metadata)
-            sidecar, row = verify(variant, path, metadata, reference, limits[variant], args,
+        for variant, (path, _) in built.items():
+            sidecar, row = verify(variant, path, described[variant], reference, limits[variant], args,
                                   floor_logits if variant == floor_variant else None)
             artifacts[variant] = (path, sidecar)
             rows.append(row)
