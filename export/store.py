@@ -62,12 +62,18 @@ def read_stamp(store: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {"archives": {}}
 
 
-def is_current(store: Path, names: Iterable[str], key: str, verified_images: int) -> bool:
-    """Every named archive exists, was built with ``key`` and verified on at least ``verified_images`` images."""
+def is_current(store: Path, names: Iterable[str], key: str, verified_images: int | None) -> bool:
+    """Every named archive exists, was built with ``key`` and verified on at least ``verified_images``
+    images (None: on the whole test set)."""
     archives = read_stamp(store)["archives"]
+
+    def verified_enough(entry: dict[str, Any]) -> bool:
+        required = entry.get("test_images") if verified_images is None else verified_images
+        return required is not None and entry.get("verified_images", 0) >= required
+
     return all(
         (Path(store) / f"{name}.mar").is_file() and archives.get(name, {}).get("key") == key
-        and archives[name].get("verified_images", 0) >= verified_images
+        and verified_enough(archives[name])
         for name in names
     )
 
