@@ -53,6 +53,8 @@ def archive(
         extra_files=",".join(str(path) for path in extra_files),
         export_path=str(model_store),
         config_file=str(config_file),
+        # stored, not deflated: fp32 weights barely compress, and deflating them took seconds per archive
+        archive_format="zip-store",
         force=True,
     ))
     return model_store / f"{model_name}.mar"

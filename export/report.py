@@ -1,4 +1,7 @@
-"""The export report: a markdown table for people (docs/EXPORT.md) and the same data as JSON (docs/export.json)."""
+"""The export report: a markdown table for people (EXPORT.md) and the same data as JSON (export.json).
+
+Ordinary runs write them to build/export/; `make docs` writes the committed copies in docs/.
+"""
 from __future__ import annotations
 
 import json
@@ -13,6 +16,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("top1_agreement", "agreement %"), ("max_abs_diff", "max abs diff"), ("latency_b1_ms", "latency b1 ms"),
     ("images_per_s_b64", "img/s b64"), ("status", "status"),
 )
+TIMING_COLUMNS = ("latency_b1_ms", "images_per_s_b64")
 
 
 def cpu_name() -> str:
@@ -40,15 +44,18 @@ def format_cell(key: str, value: Any) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(format_cell(key, row[key]) for key, _ in COLUMNS) + " |" for row in rows]
+    """One row per variant; the timing columns only when the run was benchmarked."""
+    timed = any(row.get("latency_b1_ms") is not None for row in rows)
+    columns = [(key, title) for key, title in COLUMNS if timed or key not in TIMING_COLUMNS]
+    lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(format_cell(key, row[key]) for key, _ in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
 def speedup_notes(rows: list[dict[str, Any]]) -> list[str]:
     """Throughput and latency of each ONNX variant relative to ONNX fp32, the baseline they replace."""
     baseline = next((row for row in rows if row["variant"] == "onnx"), None)
-    if baseline is None:
+    if baseline is None or baseline["images_per_s_b64"] is None:
         return []
     return [
         f"- `{row['variant']}`: {row['images_per_s_b64'] / baseline['images_per_s_b64']:.2f}x the throughput "
@@ -62,7 +69,7 @@ def speedup_notes(rows: list[dict[str, Any]]) -> list[str]:
 def busy_warning(report: dict[str, Any]) -> str | None:
     """Other work on the CPU makes thread pools wait on each other, which can slow runs by 10-100x."""
     busy = report["cpu_busy_percent_at_start"]
-    if busy < BUSY_PERCENT:
+    if busy is None or busy < BUSY_PERCENT:
         return None
     return (f"the CPU was {busy:.0f}% busy with other work in the second before the export started "
             f"({report['cpu_count']} cores): latency and throughput are unreliable; rerun on an idle machine.")
@@ -72,6 +79,36 @@ def recorded_accuracy(report: dict[str, Any]) -> str:
     if report["checkpoint_test_accuracy"] is None:
         return "not recorded"
     return f"{100 * report['checkpoint_test_accuracy']:.2f}% on {report['checkpoint_test_images']} images"
+
+
+def cpu_line(report: dict[str, Any]) -> str:
+    busy = report["cpu_busy_percent_at_start"]
+    return (f"- CPU: {report['cpu']}, {report['cpu_count']} logical cores; threads: {report['threads']} "
+            f"(torch intra-op and onnxruntime intra_op_num_threads, for every row); "
+            + (f"CPU busy with other work at start: {busy:.0f}%, " if busy is not None else "")
+            + f"load average {report['load_average']}")
+
+
+def floor_line(floor: dict[str, Any]) -> str:
+    verdict = "passed" if floor["passed"] else f"**failed**: {floor['reason']}"
+    return (f"- Accuracy floor: fp32 `{floor['model']}` on all {floor['test_images']} test images "
+            f"{100 * floor['accuracy']:.2f}%, at most {floor['max_points']:g} point from the checkpoint's record: "
+            f"{verdict}")
+
+
+def verification_sentence(report: dict[str, Any]) -> str:
+    reference, limits = report["reference"], report["limits"]
+    images = (f"a fixed stratified subset of {reference['test_images']} test images (the first "
+              f"{reference['test_images'] // 10} of each class)" if reference["stratified_subset"]
+              else f"all {reference['test_images']} test images")
+    timing = ("" if report["benchmark"] is None else
+              f"Latency is the median of {report['benchmark']['latency_runs']} batch-1 runs, throughput is over "
+              f"{report['benchmark']['throughput_runs']} batches of 64. ")
+    return (f"Accuracy and agreement (top-1 prediction equal to the checkpoint's) are over {images}, max abs diff "
+            f"(of logits, vs the checkpoint's fp32 model) over the first {report['parity_images']} of them. {timing}"
+            f"Acceptance: fp32 variants within {limits['fp32_tolerance']:g} max abs logit difference; INT8 at most "
+            f"{limits['max_loss_dynamic']:g} (dynamic) / {limits['max_loss_static']:g} (static) accuracy points below "
+            f"the checkpoint and at least {limits['min_agreement']:g}% agreement. Method: docs/EXPORT_METHOD.md.")
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -86,30 +123,24 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- Checkpoint: `{report['checkpoint']}` (sha256 `{report['checkpoint_sha256']}`)",
         f"- Checkpoint fp32 accuracy in this run: {100 * reference['accuracy']:.2f}% on "
         f"{reference['test_images']} test images (recorded at training: {recorded_accuracy(report)})",
-        f"- CPU: {report['cpu']}, {report['cpu_count']} logical cores; threads: {report['threads']} "
-        f"(torch intra-op and onnxruntime intra_op_num_threads, for every row); "
-        f"CPU busy with other work at start: {report['cpu_busy_percent_at_start']:.0f}%, load average "
-        f"{report['load_average']}",
+        floor_line(report["floor"]),
+        cpu_line(report),
         f"- Versions: {report['versions']}",
-        f"- Whole export (exports, verification, timing, packing) took {report['export_seconds']:.0f} s",
+        f"- Whole export (exports, verification{', timing' if report['benchmark'] else ''}, packing) took "
+        f"{report['export_seconds']:.0f} s",
         *([f"- **Warning**: {busy_warning(report)}"] if busy_warning(report) else []),
         "",
         markdown_table(report["rows"]),
         "",
-        f"Accuracy and agreement (top-1 prediction equal to the checkpoint's) are over all "
-        f"{reference['test_images']} test images, max abs diff (of logits, vs the checkpoint's fp32 model) "
-        f"over the first {report['parity_images']}. Latency is the median of {report['latency_runs']} "
-        f"batch-1 runs, throughput is over {report['throughput_runs']} batches of 64. "
-        f"Acceptance: fp32 variants within {report['limits']['fp32_tolerance']:g} max abs logit difference; "
-        f"INT8 at most {report['limits']['max_loss_dynamic']:g} (dynamic) / "
-        f"{report['limits']['max_loss_static']:g} (static) accuracy points below the checkpoint.",
+        verification_sentence(report),
         "",
         *speedup_notes([row for row in report["rows"] if row["status"] == "accepted"]),
     ]
     rejected = [row for row in report["rows"] if row["status"] == "rejected"]
-    if rejected:
+    if rejected or not report["floor"]["passed"]:
         lines += ["", "Rejected, so nothing was packed:",
-                  *[f"- `{row['variant']}`: {row['reason']}" for row in rejected]]
+                  *[f"- `{row['variant']}`: {row['reason']}" for row in rejected],
+                  *([] if report["floor"]["passed"] else [f"- accuracy floor: {report['floor']['reason']}"])]
     if report["archives"]:
         packing = report["packing"]
         lines += [

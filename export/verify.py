@@ -10,6 +10,9 @@ from export.runtime import Runner
 from export.variants import FP32_VARIANTS
 
 
+TOLERANCE = 1e-9  # float rounding of accuracy differences: a loss of exactly the limit is allowed
+
+
 class ArtifactRejected(RuntimeError):
     """An exported artifact failed verification; it must not be packed."""
 
@@ -36,18 +39,42 @@ def compare(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray, parit
     }
 
 
-def rejection_reason(variant: str, result: dict[str, Any], reference_accuracy: float, limit: float) -> str | None:
+def rejection_reason(variant: str, result: dict[str, Any], reference_accuracy: float, limit: float,
+                     min_agreement: float) -> str | None:
     """Why ``variant`` fails, or None.
 
     fp32: ``limit`` is the largest |logit difference| allowed (the release model's exports differ by ~2e-6).
-    INT8: ``limit`` is the accuracy loss allowed, in percentage points, vs the checkpoint in this run.
+    INT8: ``limit`` is the accuracy loss allowed, in percentage points, vs the checkpoint on the same
+    images, and at least ``min_agreement`` (a fraction) of its top-1 predictions must equal the checkpoint's.
     """
     if variant in FP32_VARIANTS:
         if not result["max_abs_diff"] <= limit:
             return f"max |logit diff| {result['max_abs_diff']:.3g} exceeds {limit:g}"
         return None
     loss = 100 * (reference_accuracy - result["accuracy"])
-    if not loss <= limit:
+    if not loss <= limit + TOLERANCE:
         return (f"accuracy {100 * result['accuracy']:.2f}% is {loss:.2f} points below the checkpoint's "
                 f"{100 * reference_accuracy:.2f}% (allowed: {limit:g})")
+    if not result["top1_agreement"] >= min_agreement:
+        return (f"top-1 agreement with the checkpoint {100 * result['top1_agreement']:.2f}% is below "
+                f"{100 * min_agreement:g}%")
+    return None
+
+
+def floor_reason(measured: float, images: int, recorded: float | None, recorded_images: int | None,
+                 max_points: float) -> str | None:
+    """Why the fp32 model's accuracy on the full test set disagrees with the checkpoint's record, or None.
+
+    The checkpoint stores the test accuracy of exactly its weights; an fp32 export of them must
+    reproduce it, so a larger gap means a corrupt or wrong checkpoint (or test set).
+    """
+    if recorded is None:
+        return "the checkpoint records no test accuracy to check the export against"
+    if recorded_images != images:
+        return f"the checkpoint's accuracy is over {recorded_images} test images, this run has {images}"
+    gap = 100 * abs(measured - recorded)
+    if not gap <= max_points + TOLERANCE:
+        return (f"fp32 accuracy {100 * measured:.2f}% on {images} test images differs from the "
+                f"{100 * recorded:.2f}% recorded in the checkpoint by {gap:.2f} points (allowed: {max_points:g}): "
+                "corrupt or wrong checkpoint")
     return None
