@@ -60,8 +60,6 @@ def speedup_notes(rows: list[dict[str, Any]]) -> list[str]:
     return [
         f"- `{row['variant']}`: {row['images_per_s_b64'] / baseline['images_per_s_b64']:.2f}x the throughput "
         f"and {baseline['latency_b1_ms'] / row['latency_b1_ms']:.2f}x the batch-1 speed of ONNX fp32."
-        + (" It quantizes activations at run time and runs ConvInteger, which onnxruntime executes more slowly "
-           "than fp32 Conv." if row["variant"] == "onnx_int8_dynamic" else "")
         for row in rows if row["variant"].startswith("onnx_")
     ]
 
@@ -147,9 +145,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             "", f"Packed into the model store (version {packing['model_version']}, handler `{packing['handler']}`; "
             f"`{report['archives'][-1]}` is `{packing['default_variant']}`):",
             *[f"- `{path}`" for path in report["archives"]],
-            "", "Each archive holds the artifact, its JSON description (same stem), `index_to_name.json` and "
-            f"`model-config.yaml` (1 worker, batchSize {packing['batch_size']}, maxBatchDelay "
-            f"{packing['max_batch_delay_ms']} ms, handler.threads {packing['worker_threads']}).",
+            "", f"model-config.yaml: batchSize {packing['batch_size']}, maxBatchDelay {packing['max_batch_delay_ms']} ms, "
+            f"handler.threads {packing['worker_threads']} (method: [EXPORT_METHOD.md](EXPORT_METHOD.md)).",
         ]
     return "\n".join(lines) + "\n"
 
