@@ -10,7 +10,7 @@ CHECKPOINT ?= training/release/resnet18_cifar10.pt
 PYTEST_ARGS ?=
 export CIFAR10_ROOT
 
-.PHONY: venv train evaluate model-store grpc serve stop test test-fast loadtest sweep clean
+.PHONY: venv train evaluate model-store grpc serve stop test test-fast loadtest sweep peers clean
 
 # torch and torchvision go first and exactly pinned, so that no resolver ever picks another build.
 venv: $(VENV)/.installed
@@ -55,6 +55,11 @@ sweep: venv model-store
 	$(PY) -m loadtest sweep --batch-sizes 1 8 16 --pinning worker none --users 32 --run-time 20 --ceiling-seconds 5
 	$(PY) -m loadtest sweep --batch-sizes 1 4 --images-per-request 8 --pinning worker none --users 16 --run-time 20 \
 		--ceiling-seconds 5 --report-name benchmarks_multi_image
+
+# TorchServe as shipped against LitServe and FastAPI/uvicorn on the same archive (docs/PEERS.md, about 15 min).
+peers: venv model-store
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -m loadtest peers --rounds 3 --users 16 --warm-up 10 --run-time 30
 
 clean:
 	rm -rf build model_store runs logs key_file.json

@@ -8,8 +8,10 @@ multipart request).
 
 Everything the handler needs to know about the model (classes, mean/std, variant) comes from the
 JSON that the export stage packs beside the serialized model, so this file imports nothing from the
-project and the archive is self-contained. Thread counts come from the archive's model-config.yaml
-(``handler.threads``) so that workers do not oversubscribe the cores.
+project and the archive is self-contained. The thread count comes from ``CIFAR10_WORKER_THREADS``,
+which ``python -m handlers.server start`` sets from the cores the server is given (handlers/resources.py,
+docs/SERVING.md), else from the archive's model-config.yaml (``handler.threads``), so that workers x
+threads match the cores instead of oversubscribing them.
 
 Bad input is answered per request: the offending request gets a 4xx and a JSON message, while the
 rest of the batch is classified normally and the worker stays up.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 DEFAULT_MAX_IMAGES_PER_REQUEST = 64
 PARAMETERS = ("topk",)  # multipart fields that are options, not images
 TOPK_HEADER = "X-TopK"  # the same option for a raw-body request (TorchServe does not forward query strings)
+THREADS_ENV = "CIFAR10_WORKER_THREADS"  # = handlers.resources.THREADS_ENV (the archive imports nothing from the project)
 
 
 class BadInput(Exception):
@@ -117,7 +121,7 @@ class Cifar10Handler(BaseHandler):
         self.context = context
         self.manifest = context.manifest
         config = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
-        self.threads = int(config.get("threads", 1))
+        self.threads = int(os.environ.get(THREADS_ENV) or config.get("threads", 1))
         self.max_pixels = int(config.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
         self.max_images = int(config.get("max_images_per_request", DEFAULT_MAX_IMAGES_PER_REQUEST))
         gpu_id = properties.get("gpu_id")

@@ -1,4 +1,5 @@
-"""``python -m loadtest [options]``: one load test; ``python -m loadtest sweep [options]``: the benchmark sweep."""
+"""``python -m loadtest [options]``: one load test; ``python -m loadtest sweep [options]``: the benchmark sweep;
+``python -m loadtest peers [options]``: TorchServe against peer servers (docs/PEERS.md)."""
 from __future__ import annotations
 
 import sys
@@ -9,6 +10,10 @@ def main(argv: list[str]) -> int:
         from loadtest import sweep
 
         return sweep.main(argv[1:])
+    if argv[:1] == ["peers"]:
+        from loadtest.peers import bench
+
+        return bench.main(argv[1:])
     from loadtest import run
 
     return run.main(argv)
