@@ -1,13 +1,18 @@
 """Workers x threads from the cores the server is given: cgroup quotas (v1 and v2), the rule, its overrides."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+import requests
 from hypothesis import given, strategies as st
 
 from handlers import resources
-from handlers.resources import THREADS_ENV, WORKERS_ENV, available_cores, cgroup_quota_cores, plan, plan_from_environment
+from handlers.resources import (THREADS_ENV, WORKERS_ENV, ServingPlan, available_cores, cgroup_quota_cores, plan,
+                                plan_from_environment)
+from handlers.server import TorchServe, bearer
+from tests.conftest import ports_for
 
 
 def write(path: Path, text: str) -> None:
@@ -83,3 +88,21 @@ def test_the_handler_reads_the_threads_the_server_sets() -> None:
     from handlers.cifar10_handler import THREADS_ENV as HANDLER_THREADS_ENV  # the archive cannot import resources
 
     assert HANDLER_THREADS_ENV == THREADS_ENV
+
+
+@pytest.mark.slow
+def test_a_server_started_with_a_plan_runs_its_workers_and_threads(model_store: Path, tmp_path: Path,
+                                                                  test_images: list[tuple[bytes, int]]) -> None:
+    """The plan reaches TorchServe (workers per model) and every worker's handler (threads), on a real server."""
+    chosen = ServingPlan(cores=4, default_workers=2, other_workers=1, threads=2)  # unlike the archive's 1 x 1
+    server = TorchServe(workdir=tmp_path, model_store=model_store, plan=chosen,
+                        overrides=ports_for(18110) | {"load_models": "cifar10.mar"})
+    with server.start(wait_for=["cifar10"]):
+        workers = server.describe("cifar10")["workers"]
+        assert len(workers) == 2 and all(worker["status"] == "READY" for worker in workers)
+        loaded = re.findall(r"loaded \S+ \(\S+\) on cpu with (\d+) thread\(s\)", server.log_text())
+        assert loaded == ["2", "2"], loaded
+        image, _ = test_images[0]
+        response = requests.post(f"{server.inference_url}/predictions/cifar10", data=image, timeout=60,
+                                 headers=bearer(server.keys["inference"]) | {"Content-Type": "image/png"})
+        assert response.status_code == 200 and response.json()["label"] == "cat"

@@ -63,7 +63,13 @@ def locust(url: str, key_file: Path | None, args: argparse.Namespace, seconds: i
 
 
 def wait_locust(process: subprocess.Popen, seconds: int, log: Path) -> None:
-    code = process.wait(timeout=seconds + 120)
+    """Wait for Locust to finish its run; it is killed if anything (a timeout, Ctrl-C) stops the wait."""
+    try:
+        code = process.wait(timeout=seconds + 120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
     if code not in (0, 1):  # 1: some request failed, which the stats report
         raise RuntimeError(f"locust exited with {code}: {log.read_text()[-2000:]}")
 

@@ -71,13 +71,21 @@ def target_lines(report: dict[str, Any]) -> list[str]:
                      f"**{'met' if met else 'not met'}**.")
     if report["ceilings"] and shipped:
         limit = max(report["ceilings"], key=lambda c: c["pipeline_images_per_s"])
-        served = max(run["requests_per_s"] for run in shipped)
-        share = served / limit["pipeline_images_per_s"]
+        best = max(shipped, key=lambda run: run["requests_per_s"])
+        share = best["requests_per_s"] / limit["pipeline_images_per_s"]
+        cores = limit["processes"] * limit["threads"]
         lines.append(f"- In-process pipeline ceiling with the shipped {limit['processes']} process(es) x {limit['threads']} "
-                     f"thread(s) at batch {limit['batch_size']} (the whole machine, no HTTP, no Locust): "
+                     f"thread(s) at batch {limit['batch_size']} (no HTTP, no Locust, the machine to itself): "
                      f"{limit['pipeline_images_per_s']:.0f} images/s (model alone {limit['model_images_per_s']:.0f}); "
-                     f"the best served round answered {served:.0f}/s, **{share:.0%}** of it "
+                     f"TorchServe's best round answered {best['requests_per_s']:.0f}/s, **{share:.0%}** of it "
                      f"(target {CEILING_TARGET:.0%}: **{'met' if share >= CEILING_TARGET else 'not met'}**).")
+        server_cores = (best["cpu_cores"] or {}).get("server")
+        if server_cores:
+            per_core = (best["requests_per_s"] / server_cores) / (limit["pipeline_images_per_s"] / cores)
+            lines.append(f"- Per core: in that round TorchServe's processes kept {server_cores:.2f} cores busy (Locust and "
+                         f"the rest of the machine had the others), {best['requests_per_s'] / server_cores:.0f} answers/s "
+                         f"per busy core against the ceiling's {limit['pipeline_images_per_s'] / cores:.0f}: "
+                         f"**{per_core:.0%}** per core.")
     return lines
 
 
