@@ -28,8 +28,9 @@ PEER_OPTIONS = {"threads": "--threads", "batch": "--batch-size", "delay": "--bat
 # endpoint with one inference thread per core ("cores" is replaced by the cores the benchmark has).
 PEER_DEFAULTS: dict[str, dict[str, int | str]] = {"litserve": {"threads": 1, "batch": 16, "delay": 10},
                                                   "fastapi-async": {}, "fastapi-sync": {"threads": "cores"}}
-# TorchServe settings a contender may change; the rest of the shipped config stays as it is.
-TS_OPTIONS = ("workers", "threads", "batch", "delay", "netty", "netty_client")
+# TorchServe settings a contender may change; the rest of the shipped config stays as it is. ``micro``
+# (micro-batch size) and ``async`` (1) swap in an experiment entry point (loadtest/experiments/).
+TS_OPTIONS = ("workers", "threads", "batch", "delay", "netty", "netty_client", "micro", "async")
 READY_TIMEOUT_S = 300
 
 
@@ -75,6 +76,8 @@ class RunningTorchServe:
 
     def __init__(self, contender: Contender, model_store: Path, workdir: Path, port_base: int) -> None:
         options = contender.options
+        if "micro" in options or "async" in options:
+            model_store = self._experiment_store(options, model_store, workdir / "experiment")
         plan = plan_from_environment(options.get("workers"), options.get("threads"))
         overrides = free_port_overrides(port_base)
         if "netty" in options:
@@ -97,6 +100,16 @@ class RunningTorchServe:
         self.settings = {"workers": len(described["workers"]), "threads": plan.threads,
                          "batch_size": described["batchSize"], "max_batch_delay_ms": described["maxBatchDelay"],
                          "cores": plan.cores, **{k: v for k, v in options.items() if k.startswith("netty")}}
+
+    @staticmethod
+    def _experiment_store(options: dict[str, int], model_store: Path, workdir: Path) -> Path:
+        from loadtest.experiments.archive import experiment_store
+
+        shipped = model_store / f"{DEFAULT_MODEL}.mar"
+        if "micro" in options:
+            return experiment_store(shipped, "micro_batching", {"micro_batching": {"micro_batch_size": options["micro"]}},
+                                    workdir)
+        return experiment_store(shipped, "async", {"asyncCommunication": bool(options["async"])}, workdir)
 
     def _register(self, batch: int | None, delay: int | None, workers: int) -> None:
         params = {"url": f"{DEFAULT_MODEL}.mar", "model_name": DEFAULT_MODEL, "initial_workers": workers,

@@ -8,7 +8,7 @@ separate worker processes. ``python -m loadtest.peers.litserve_batched --archive
 from typing import Annotated, Any
 
 import litserve as ls
-from fastapi import Body, Response
+from fastapi import Body
 
 from loadtest.peers.common import ROUTE, archive_handler, classify, peer_arguments
 
