@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import socket
 import subprocess
@@ -149,23 +150,41 @@ def main(argv: list[str]) -> int:
     check_data_dir(parser, args.data_dir)
     host_machine, started = machine(), datetime.now().astimezone().isoformat(timespec="seconds")
     probe = test_images(args.data_dir, 1)[0][0]
-    runs, ceilings = [], []
+    report = {"date": started, "machine": host_machine, "plan": plan_from_environment().__dict__,
+              "command": shlex.join(["python", "-m", "loadtest", "peers", *argv]), "users": args.users,
+              "warm_up_s": args.warm_up, "run_time_s": args.run_time, "rounds": args.rounds,
+              "image_pool": args.image_pool, "archive": str(shown_path(args.archive)),
+              "servers": [contender.name for contender in args.servers], "runs": [], "ceilings": []}
     for round_ in range(args.rounds):
         order = args.servers if round_ % 2 == 0 else args.servers[::-1]
         for index, contender in enumerate(order):
-            run_dir = args.output_dir / f"round{round_ + 1}-{index + 1}-{contender.name.replace(':', '-')}"
-            runs.append({"round": round_ + 1, **measure(contender, args, run_dir, probe)})
+            safe_name = re.sub(r"[^A-Za-z0-9_.-]+", "-", contender.name)  # model-archiver splits paths at commas
+            run_dir = args.output_dir / f"round{round_ + 1}-{index + 1}-{safe_name}"
+            try:
+                result = measure(contender, args, run_dir, probe)
+            except Exception as err:  # one server that cannot start must not cost the others' numbers
+                print(f"[{run_dir.name}] {contender.name} failed: {err!r}", flush=True)
+                result = failed_run(contender, err)
+            report["runs"].append({"round": round_ + 1, **result})
+            write_report(report, args)  # after every run, so that an interrupted benchmark keeps what it measured
         if args.ceiling_seconds:
-            ceilings.append({"round": round_ + 1, **shipped_ceiling(args)})
-            print(f"[round {round_ + 1}] ceiling: {json.dumps(ceilings[-1])}", flush=True)
-    command = shlex.join(["python", "-m", "loadtest", "peers", *argv])
-    report = {"date": started, "machine": host_machine, "plan": plan_from_environment().__dict__,
-              "command": command, "users": args.users, "warm_up_s": args.warm_up, "run_time_s": args.run_time,
-              "rounds": args.rounds, "image_pool": args.image_pool, "archive": str(shown_path(args.archive)),
-              "servers": [contender.name for contender in args.servers], "runs": runs, "ceilings": ceilings}
+            report["ceilings"].append({"round": round_ + 1, **shipped_ceiling(args)})
+            print(f"[round {round_ + 1}] ceiling: {json.dumps(report['ceilings'][-1])}", flush=True)
+            write_report(report, args)
+    markdown, data = write_report(report, args)
+    print(f"written {markdown} and {data}")
+    return 1 if any(run["failures"] or "error" in run for run in report["runs"]) else 0
+
+
+def failed_run(contender: Contender, err: Exception) -> dict[str, Any]:
+    return {"server": contender.name, "kind": contender.kind, "settings": {}, "requests": 0, "failures": 0,
+            "requests_per_s": 0.0, "correct": 0, "goodput_per_s": 0.0, "latency_ms": {"p50": None, "p99": None},
+            "cpu_cores": None, "error": repr(err)[:500]}
+
+
+def write_report(report: dict[str, Any], args: argparse.Namespace) -> tuple[Path, Path]:
     args.docs_dir.mkdir(parents=True, exist_ok=True)
     data, markdown = args.docs_dir / f"{args.report_name}.json", args.docs_dir / f"{args.report_name.upper()}.md"
     write_json(data, report)
     markdown.write_text(peers_markdown(report, data.name))
-    print(f"written {markdown} and {data}")
-    return 1 if any(run["failures"] for run in runs) else 0
+    return markdown, data

@@ -66,6 +66,11 @@ def round_table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def error_lines(report: dict[str, Any]) -> list[str]:
+    errors = [f"- Round {run['round']}, {run['server']}: {run['error']}" for run in report["runs"] if "error" in run]
+    return ["", "Servers that did not start or failed during their turn:", "", *errors] if errors else []
+
+
 def target_lines(report: dict[str, Any]) -> list[str]:
     """Per round: the shipped TorchServe against the best peer of the same round, and against its ceiling."""
     lines = []
@@ -125,6 +130,7 @@ def peers_markdown(report: dict[str, Any], data_file: str) -> str:
         "## Per round",
         "",
         *round_table(report),
+        *error_lines(report),
         "",
         "## How it was measured",
         "",
