@@ -11,7 +11,8 @@ import requests
 from loadtest.peers.bench import free_port, main as peers_main
 from loadtest.peers.common import ROUTE
 from loadtest.peers.contenders import Contender, RunningPeer, parse_contender
-from loadtest.peers.report import target_lines
+from loadtest.peers.report import peers_markdown, target_lines
+from loadtest.report import machine
 from loadtest.peers.common import archive_handler, classify
 from training.model import CLASSES
 
@@ -27,6 +28,7 @@ def test_contenders_parse_and_refuse_unknown_servers_and_keys() -> None:
 
 def run(server: str, round_: int, goodput: float, p99: float, failures: int = 0) -> dict:
     return {"server": server, "kind": server.split(":")[0], "round": round_, "goodput_per_s": goodput,
+            "requests": 100, "correct": 93, "settings": {},
             "requests_per_s": goodput * 1.07, "failures": failures, "latency_ms": {"p50": p99 / 2, "p99": p99},
             "cpu_cores": {"server": 1.5, "locust": 0.4, "other": 0.1}}
 
@@ -81,3 +83,12 @@ def test_a_short_benchmark_counts_goodput_as_correct_labels_and_writes_its_repor
     expected = sum(right[i % len(right)] for i in range(result["requests"]))
     assert abs(result["correct"] - expected) <= 2, (result["correct"], expected)  # up to one request per user in flight
     assert "| fastapi-async |" in (tmp_path / "PEERS_TEST.md").read_text()
+
+
+def test_a_report_written_while_the_benchmark_runs_lists_only_the_servers_measured_so_far() -> None:
+    report = {"date": "now", "machine": machine(), "plan": {"cores": 2, "default_workers": 2, "threads": 1},
+              "command": "python -m loadtest peers", "users": 16, "warm_up_s": 10, "run_time_s": 30, "rounds": 3,
+              "image_pool": 256, "archive": "model_store/cifar10.mar", "servers": ["torchserve", "litserve"],
+              "runs": [dict(run("torchserve", 1, 400.0, 90.0), settings={"workers": 2})], "ceilings": []}
+    markdown = peers_markdown(report, "peers.json")
+    assert "| torchserve | workers 2 |" in markdown and "| litserve |" not in markdown

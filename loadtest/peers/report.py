@@ -30,7 +30,9 @@ def _settings(settings: dict[str, Any]) -> str:
 
 
 def by_server(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    return {name: [run for run in report["runs"] if run["server"] == name] for name in report["servers"]}
+    """The runs of each server that has run yet (the report is rewritten while the benchmark runs)."""
+    runs = {name: [run for run in report["runs"] if run["server"] == name] for name in report["servers"]}
+    return {name: server_runs for name, server_runs in runs.items() if server_runs}
 
 
 def versus_shipped(report: dict[str, Any], runs: list[dict[str, Any]]) -> str:
