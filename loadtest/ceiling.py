@@ -46,20 +46,23 @@ WINDOWS = 5
 
 
 def window_rates(run_batch: Callable[[int], None], batch_size: int, seconds: float,
-                 start_at: float | None = None) -> list[float]:
+                 start_at: float | None = None) -> tuple[list[float], float]:
     """Images/s in each of WINDOWS back-to-back windows filling ``seconds``, after a warm-up; with
     ``start_at`` (unix time) the windows start then, so that several processes time the same windows.
 
     On a shared machine a disturbance can only slow a window down, never speed it up. A mean over the
     whole time would let one disturbed second lower the ceiling and so flatter every served/ceiling
     ratio (a 5 s mean once put a served deployment at 111% of its ceiling); the fastest window does not.
-    ``run_batch`` gets the batch index.
+    ``run_batch`` gets the batch index. Also returns images per CPU-second of this process over all the
+    windows, which a busy machine disturbs far less than the rate: a served deployment's answers per
+    busy core are compared with it.
     """
     for index in range(WARMUP_BATCHES):
         run_batch(index)
     done, rates = 0, []
     if start_at is not None:
         time.sleep(max(0.0, start_at - time.time()))
+    cpu_start = time.process_time()
     for _ in range(WINDOWS):
         window_done, start = 0, time.perf_counter()
         while (elapsed := time.perf_counter() - start) < seconds / WINDOWS:
@@ -67,12 +70,12 @@ def window_rates(run_batch: Callable[[int], None], batch_size: int, seconds: flo
             window_done += 1
         done += window_done
         rates.append(window_done * batch_size / elapsed)
-    return rates
+    return rates, done * batch_size / max(time.process_time() - cpu_start, 1e-9)
 
 
 def images_per_second(run_batch: Callable[[int], None], batch_size: int, seconds: float) -> float:
     """The fastest window of ``window_rates``."""
-    return max(window_rates(run_batch, batch_size, seconds))
+    return max(window_rates(run_batch, batch_size, seconds)[0])
 
 
 class _Context:
@@ -143,13 +146,15 @@ def measure(archive_path: Path, batch_size: int | None, threads: int | None, sec
             for answer in handler.postprocess(handler.inference(handler.preprocess(requests[i % len(requests)]))):
                 json.dumps(answer)  # the worker serialises every answer too
 
-        model = window_rates(lambda i: run_model(batches[i % len(batches)]), batch_size, seconds, start_at)
+        model, model_per_cpu = window_rates(lambda i: run_model(batches[i % len(batches)]), batch_size, seconds,
+                                            start_at)
         pipeline_start = None if start_at is None else start_at + seconds + PHASE_GAP_S
-        pipeline = window_rates(serve, batch_size, seconds, pipeline_start)
+        pipeline, pipeline_per_cpu = window_rates(serve, batch_size, seconds, pipeline_start)
     return {"archive": str(archive_path), "variant": archive.variant, "batch_size": batch_size, "threads": threads,
             "processes": 1, "cpus": sorted(os.sched_getaffinity(0)), "seconds": seconds,
             "model_images_per_s": max(model), "pipeline_images_per_s": max(pipeline),
-            "model_windows": model, "pipeline_windows": pipeline}
+            "model_windows": model, "pipeline_windows": pipeline,
+            "model_images_per_cpu_s": model_per_cpu, "pipeline_images_per_cpu_s": pipeline_per_cpu}
 
 
 def measure_processes(processes: int, argv: list[str]) -> dict[str, Any]:
@@ -167,7 +172,8 @@ def measure_processes(processes: int, argv: list[str]) -> dict[str, Any]:
     combined = dict(results[0], processes=processes)
     for key in ("model", "pipeline"):
         windows = [sum(rates) for rates in zip(*(result[f"{key}_windows"] for result in results))]
-        combined |= {f"{key}_windows": windows, f"{key}_images_per_s": max(windows)}
+        combined |= {f"{key}_windows": windows, f"{key}_images_per_s": max(windows),
+                     f"{key}_images_per_cpu_s": sum(r[f"{key}_images_per_cpu_s"] for r in results) / len(results)}
     return combined
 
 

@@ -35,6 +35,12 @@ def by_server(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return {name: server_runs for name, server_runs in runs.items() if server_runs}
 
 
+def rounds_done(report: dict[str, Any]) -> str:
+    """Rounds measured, and how many were asked for when the run was cut short."""
+    done = max((run["round"] for run in report["runs"]), default=0)
+    return str(done) if done == report["rounds"] else f"{done} (of {report['rounds']} asked for)"
+
+
 def versus_shipped(report: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     """Median over rounds of this server's goodput over the shipped TorchServe's in the same round."""
     shipped = {run["round"]: run["goodput_per_s"] for run in report["runs"] if run["server"] == SHIPPED}
@@ -94,19 +100,19 @@ def target_lines(report: dict[str, Any]) -> list[str]:
         limit = max(report["ceilings"], key=lambda c: c["pipeline_images_per_s"])
         best = max(shipped, key=lambda run: run["requests_per_s"])
         share = best["requests_per_s"] / limit["pipeline_images_per_s"]
-        cores = limit["processes"] * limit["threads"]
         lines.append(f"- In-process pipeline ceiling with the shipped {limit['processes']} process(es) x {limit['threads']} "
                      f"thread(s) at batch {limit['batch_size']} (no HTTP, no Locust, the machine to itself): "
                      f"{limit['pipeline_images_per_s']:.0f} images/s (model alone {limit['model_images_per_s']:.0f}); "
                      f"TorchServe's best round answered {best['requests_per_s']:.0f}/s, **{share:.0%}** of it "
                      f"(target {CEILING_TARGET:.0%}: **{'met' if share >= CEILING_TARGET else 'not met'}**).")
         server_cores = (best["cpu_cores"] or {}).get("server")
-        if server_cores:
-            per_core = (best["requests_per_s"] / server_cores) / (limit["pipeline_images_per_s"] / cores)
-            lines.append(f"- Per core: in that round TorchServe's processes kept {server_cores:.2f} cores busy (Locust and "
-                         f"the rest of the machine had the others), {best['requests_per_s'] / server_cores:.0f} answers/s "
-                         f"per busy core against the ceiling's {limit['pipeline_images_per_s'] / cores:.0f}: "
-                         f"**{per_core:.0%}** per core.")
+        per_cpu = max(ceiling.get("pipeline_images_per_cpu_s", 0.0) for ceiling in report["ceilings"])
+        if server_cores and per_cpu:
+            served_per_core = best["requests_per_s"] / server_cores
+            lines.append(f"- Per busy core, which a shared machine disturbs far less: TorchServe's processes (frontend and "
+                         f"workers) kept {server_cores:.2f} cores busy in that round, {served_per_core:.0f} answers per "
+                         f"core-second, against the in-process pipeline's {per_cpu:.0f} images per CPU-second: "
+                         f"**{served_per_core / per_cpu:.0%}**.")
     return lines
 
 
@@ -143,7 +149,7 @@ def peers_markdown(report: dict[str, Any], data_file: str) -> str:
         "from the cores (handlers/resources.py); `torchserve:key=value` rows change one setting (docs/SERVING.md).",
         f"- Load: Locust (loadtest/peers/locustfile.py), {report['users']} closed-loop users, one real CIFAR-10 test PNG per "
         f"request cycled from a pool of {report['image_pool']}, {report['warm_up_s']} s of warm-up, then {report['run_time_s']} s "
-        f"measured; each server alone, started fresh for its turn and stopped after it; {report['rounds']} round(s), the "
+        f"measured; each server alone, started fresh for its turn and stopped after it; {rounds_done(report)} round(s), the "
         "order reversed every other round. Locust shares the machine's cores with the server, as for any user testing on "
         "one machine.",
         "- **goodput**: answers whose label is the true label of the image sent (a `GOODPUT` entry in Locust's stats); a "
