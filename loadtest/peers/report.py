@@ -101,7 +101,7 @@ def target_lines(report: dict[str, Any]) -> list[str]:
         best = max(shipped, key=lambda run: run["requests_per_s"])
         share = best["requests_per_s"] / limit["pipeline_images_per_s"]
         lines.append(f"- In-process pipeline ceiling with the shipped {limit['processes']} process(es) x {limit['threads']} "
-                     f"thread(s) at batch {limit['batch_size']} (no HTTP, no Locust, the machine to itself): "
+                     f"thread(s) at batch {limit['batch_size']} (no HTTP, no Locust, on the same machine): "
                      f"{limit['pipeline_images_per_s']:.0f} images/s (model alone {limit['model_images_per_s']:.0f}); "
                      f"TorchServe's best round answered {best['requests_per_s']:.0f}/s, **{share:.0%}** of it "
                      f"(target {CEILING_TARGET:.0%}: **{'met' if share >= CEILING_TARGET else 'not met'}**).")
@@ -109,7 +109,7 @@ def target_lines(report: dict[str, Any]) -> list[str]:
         per_cpu = max(ceiling.get("pipeline_images_per_cpu_s", 0.0) for ceiling in report["ceilings"])
         if server_cores and per_cpu:
             served_per_core = best["requests_per_s"] / server_cores
-            lines.append(f"- Per busy core, which a shared machine disturbs far less: TorchServe's processes (frontend and "
+            lines.append(f"- Per busy core: TorchServe's processes (frontend and "
                          f"workers) kept {server_cores:.2f} cores busy in that round, {served_per_core:.0f} answers per "
                          f"core-second, against the in-process pipeline's {per_cpu:.0f} images per CPU-second: "
                          f"**{served_per_core / per_cpu:.0%}**.")
