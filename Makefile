@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 , := ,
 export CIFAR10_ROOT
 
-.PHONY: venv train evaluate model-store verify docs grpc serve stop test test-fast loadtest sweep faults soak image image-test clean
+.PHONY: venv train evaluate model-store verify docs grpc serve stop test test-fast loadtest sweep faults soak peers image image-test clean
 
 # torch and torchvision go first and exactly pinned, so that no resolver ever picks another build.
 venv: $(VENV)/.installed
@@ -103,6 +103,11 @@ image:
 # Runs the built image and talks to it on 127.0.0.1 only (tests/test_image.py).
 image-test: venv grpc
 	IMAGE=$(IMAGE) DOCKER=$(DOCKER) $(PY) -m pytest tests/test_image.py $(PYTEST_ARGS)
+
+# TorchServe as shipped against LitServe and FastAPI/uvicorn on the same archive (docs/PEERS.md, about 15 min).
+peers: venv model-store
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -m loadtest peers --rounds 3 --users 16 --warm-up 10 --run-time 30
 
 clean:
 	rm -rf build runs logs key_file.json model_store/*.mar model_store/export-stamp.json

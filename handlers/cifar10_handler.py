@@ -8,9 +8,11 @@ multipart request).
 
 Everything the handler needs to know about the model (classes, mean/std, variant) comes from the
 JSON that the export stage packs beside the serialized model, so this file imports nothing from the
-project and the archive is self-contained. Thread counts and input limits come from the archive's
-model-config.yaml (``handler.threads``, ``handler.max_image_pixels`` ...) so that workers do not
-oversubscribe the cores.
+project and the archive is self-contained. The thread count comes from ``CIFAR10_WORKER_THREADS``,
+which ``python -m handlers.server start`` sets from the cores the server is given (handlers/resources.py,
+docs/SERVING.md), else from the archive's model-config.yaml (``handler.threads``), so that workers x
+threads match the cores instead of oversubscribing them. Input limits come from model-config.yaml too
+(``handler.max_image_pixels`` ...).
 
 Every request is answered on its own. ``handle()`` is a template method over this handler's steps
 only (BaseHandler's would switch the whole batch to describe/explain on request 0's headers), and
@@ -22,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -50,6 +53,7 @@ PARAMETERS = ("topk",)  # multipart fields that are options, not images
 TOPK_HEADER = "x-topk"  # the same option for a raw-body request (TorchServe does not forward query strings)
 TOPK_PATTERN = re.compile(r"\s*([0-9]{1,4})\s*")
 MAX_PHRASE = 200  # the message also goes into the HTTP status line: short, printable ASCII
+THREADS_ENV = "CIFAR10_WORKER_THREADS"  # = handlers.resources.THREADS_ENV (the archive imports nothing from the project)
 
 
 class BadInput(Exception):
@@ -187,7 +191,7 @@ class Cifar10Handler(BaseHandler):
         self.context = context
         self.manifest = context.manifest
         config = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
-        self.threads = int(config.get("threads", 1))
+        self.threads = int(os.environ.get(THREADS_ENV) or config.get("threads", 1))
         self.max_pixels = int(config.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
         self.max_request_pixels = int(config.get("max_request_pixels", DEFAULT_MAX_REQUEST_PIXELS))
         self.max_images = int(config.get("max_images_per_request", DEFAULT_MAX_IMAGES_PER_REQUEST))

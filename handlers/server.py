@@ -20,10 +20,12 @@ from pathlib import Path
 import psutil
 import requests
 
+from handlers.resources import THREADS_ENV, WORKERS_ENV, ServingPlan, plan_from_environment
 from handlers.tokens import KeyRing, Kind, read_key_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_CONFIG = REPO_ROOT / "config.properties"
+DEFAULT_MODEL = "cifar10"  # the archive `python -m export` packs as the default variant: the one clients call
 LOG_CONFIG_FLAG = "-Dlog4j.configurationFile="
 DEFAULT_HEALTH_BIND = "127.0.0.1:8083"
 HEALTH_PID_FILE = "health.pid"
@@ -78,6 +80,8 @@ class TorchServe:
     ``allowed_urls`` confines registration to the model store unless an override says otherwise.
     ``isolated`` gives the instance its own TMPDIR (tests, sweeps); without it, a plain
     ``torchserve --stop`` finds and stops it.
+    ``plan`` (handlers.resources) sets the workers of each model once it is loaded and the threads of
+    every worker; without it the archives' model-config.yaml decides both.
     """
 
     workdir: Path
@@ -86,6 +90,7 @@ class TorchServe:
     enable_model_api: bool = False
     config: Path = SHIPPED_CONFIG
     isolated: bool = True
+    plan: ServingPlan | None = None
     process: psutil.Process | None = None
     _key_ring: KeyRing | None = field(default=None, init=False, repr=False)
 
@@ -145,8 +150,11 @@ class TorchServe:
 
     def _env(self) -> dict[str, str]:
         self.tmpdir.mkdir(parents=True, exist_ok=True)
-        return os.environ | {"TMPDIR": str(self.tmpdir), "LOG_LOCATION": str(self.workdir / "logs"),
-                             "METRICS_LOCATION": str(self.workdir / "logs")}
+        env = os.environ | {"TMPDIR": str(self.tmpdir), "LOG_LOCATION": str(self.workdir / "logs"),
+                            "METRICS_LOCATION": str(self.workdir / "logs")}
+        if self.plan is not None:  # the frontend passes its environment on to every worker it starts
+            env[THREADS_ENV] = str(self.plan.threads)
+        return env
 
     def torchserve_cli(self, *args: str) -> str:
         """Run the torchserve CLI; its output goes to a file because the frontend it starts inherits it."""
@@ -177,10 +185,27 @@ class TorchServe:
         self.process = psutil.Process(int(pid_file.read_text().split()[0]))
         try:
             self._wait_ready(wait_for or [], deadline)
+            if self.plan is not None:
+                self.apply_plan(self.plan, timeout=max(10.0, deadline - time.monotonic()))
         except BaseException:
             self.stop()
             raise
         return self
+
+    def apply_plan(self, plan: ServingPlan, timeout: float) -> None:
+        """Scale every loaded model to its planned workers (TorchServe's scale-workers API, allowed with
+        the model API off); the archives' model-config.yaml only sets how many start first."""
+        for model in self.models():
+            workers = plan.default_workers if model == DEFAULT_MODEL else plan.other_workers
+            response = self.call("management", "PUT", f"{self.management_url}/models/{model}",
+                                 params={"min_worker": workers, "max_worker": workers, "synchronous": "true"},
+                                 timeout=timeout)
+            response.raise_for_status()
+
+    def models(self) -> list[str]:
+        response = self.call("management", "GET", f"{self.management_url}/models", params={"limit": 1000}, timeout=10)
+        response.raise_for_status()
+        return [model["modelName"] for model in response.json()["models"]]
 
     def _wait_ready(self, models: list[str], deadline: float) -> None:
         pending = ["ping", *models]
@@ -296,9 +321,13 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--health-bind", default=DEFAULT_HEALTH_BIND,
                         help="host:port of the secret-free /live and /ready checks (default: %(default)s)")
+    parser.add_argument("--workers", type=int, help=f"worker processes of {DEFAULT_MODEL} (default: ${WORKERS_ENV} "
+                        "or one per core, see docs/SERVING.md)")
+    parser.add_argument("--threads", type=int, help=f"threads per worker (default: ${THREADS_ENV} or cores / workers)")
     args = parser.parse_args()
+    serving_plan = plan_from_environment(args.workers, args.threads) if args.action == "start" else None
     server = TorchServe(workdir=Path.cwd(), model_store=args.model_store, enable_model_api=args.enable_model_api,
-                        isolated=False)
+                        isolated=False, plan=serving_plan)
     if args.action == "stop":
         server.stop_health()
         server.torchserve_cli("--stop")
@@ -306,6 +335,7 @@ def main() -> None:
     models = sorted(path.stem for path in args.model_store.glob("*.mar"))
     server.start(wait_for=models, timeout=args.timeout)
     health = server.start_health(args.health_bind)
+    print(f"Workers: {serving_plan.describe()}.")
     print(f"TorchServe is serving {', '.join(models)}: REST {server.inference_url}, management {server.management_url}, "
           f"metrics {server.metrics_url}/metrics, gRPC {server.grpc_inference_target} / {server.grpc_management_target}, "
           f"health {health}/live and {health}/ready. Tokens: {server.workdir / 'key_file.json'}. "

@@ -1,17 +1,18 @@
 """``python -m loadtest [options]``: one load test. Subcommands: ``sweep`` (the benchmark sweep),
 ``report docs/benchmarks.json ...`` (render a sweep's report again from its JSON), ``faults`` (worker
-faults under load), ``soak`` (the memory soak)."""
+faults under load), ``soak`` (the memory soak), ``peers`` (TorchServe against peer servers)."""
 from __future__ import annotations
 
 import importlib
 import sys
 
-SUBCOMMANDS = ("sweep", "report", "faults", "soak")
+SUBCOMMANDS = {"sweep": "loadtest.sweep", "report": "loadtest.report", "faults": "loadtest.faults",
+               "soak": "loadtest.soak", "peers": "loadtest.peers.bench"}
 
 
 def main(argv: list[str]) -> int:
     if argv[:1] and argv[0] in SUBCOMMANDS:
-        return importlib.import_module(f"loadtest.{argv[0]}").main(argv[1:])
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     from loadtest import run
 
     return run.main(argv)

@@ -16,8 +16,7 @@ import psutil
 
 class Sample(NamedTuple):
     t: float  # unix time, like Locust's history timestamps
-    frontend: float  # CPU seconds, user + system
-    workers: float
+    groups: dict[str, float]  # CPU seconds (user + system) of each group of processes
     machine: float  # CPU seconds the whole machine was busy, summed over cores
 
 
@@ -26,11 +25,11 @@ def machine_busy_seconds() -> float:
     return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
 
-class CpuMeter:
-    """``with CpuMeter(frontend, workers) as meter: ...`` then ``meter.cores(start, end)``."""
+class GroupMeter:
+    """``with GroupMeter({"server": [...], "locust": [...]}) as meter: ...`` then ``meter.cores(start, end)``."""
 
-    def __init__(self, frontend: psutil.Process, workers: list[psutil.Process], interval: float = 0.5) -> None:
-        self.frontend, self.workers, self.interval = frontend, workers, interval
+    def __init__(self, groups: dict[str, list[psutil.Process]], interval: float = 0.5) -> None:
+        self.groups, self.interval = groups, interval
         self.samples: list[Sample] = []
         self._last_seen: dict[int, float] = {}  # pid -> CPU seconds at its last successful read
         self._stop = threading.Event()
@@ -47,7 +46,7 @@ class CpuMeter:
         return sum(self._last_seen.get(process.pid, 0.0) for process in processes)
 
     def sample(self) -> Sample:
-        return Sample(time.time(), self.cpu_seconds([self.frontend]), self.cpu_seconds(self.workers),
+        return Sample(time.time(), {name: self.cpu_seconds(processes) for name, processes in self.groups.items()},
                       machine_busy_seconds())
 
     def _run(self) -> None:
@@ -65,14 +64,19 @@ class CpuMeter:
         self._thread.join()
 
     def cores(self, start: float, end: float) -> dict[str, float] | None:
-        """Average cores busy between the first and last samples inside [start, end]: the frontend, the
-        workers, and everything else on the machine (Locust, mostly). None if the window holds < 2 samples."""
+        """Average cores busy between the first and last samples inside [start, end]: each group, and
+        everything else on the machine as "other". None if the window holds < 2 samples."""
         inside = [s for s in self.samples if start <= s.t <= end]
         if len(inside) < 2:
             return None
         first, last = inside[0], inside[-1]
         seconds = last.t - first.t
-        frontend, workers = last.frontend - first.frontend, last.workers - first.workers
-        other = max(0.0, last.machine - first.machine - frontend - workers)
-        return {"frontend": round(frontend / seconds, 2), "workers": round(workers / seconds, 2),
+        used = {name: last.groups[name] - first.groups[name] for name in self.groups}
+        other = max(0.0, last.machine - first.machine - sum(used.values()))
+        return {**{name: round(value / seconds, 2) for name, value in used.items()},
                 "other": round(other / seconds, 2), "seconds": round(seconds, 1)}
+
+
+def CpuMeter(frontend: psutil.Process, workers: list[psutil.Process], interval: float = 0.5) -> GroupMeter:
+    """The sweep's meter: the TorchServe frontend, its model workers, and "other" (Locust, mostly)."""
+    return GroupMeter({"frontend": [frontend], "workers": workers}, interval)

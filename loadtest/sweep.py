@@ -57,11 +57,12 @@ def unregister(server: TorchServe, name: str) -> None:
 
 
 def ceiling(archive: Path, batch_size: int, threads: int, cpus: set[int] | None, seconds: float, data_dir: str,
-            image_pool: int) -> dict[str, Any]:
-    """loadtest.ceiling in a fresh process, pinned like the server, so no thread pool of this one interferes."""
+            image_pool: int, processes: int = 1) -> dict[str, Any]:
+    """loadtest.ceiling in fresh processes (as many as the server's workers), pinned like the server, so no
+    thread pool of this one interferes."""
     command = [sys.executable, "-m", "loadtest.ceiling", str(archive), "--batch-size", str(batch_size),
                "--threads", str(threads), "--seconds", str(seconds), "--data-dir", data_dir,
-               "--image-pool", str(image_pool)]
+               "--image-pool", str(image_pool), "--processes", str(processes)]
     if cpus:
         command += ["--cpus", format_cpus(cpus)]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
@@ -130,7 +131,7 @@ def measure_row(server: TorchServe, args: argparse.Namespace, mode: str, cores: 
         print(f"[{label}] ceilings on cores {format_cpus(ceiling_cpus or cores.workers)}", flush=True)
         # the model sees batch size x images per request images per call: the ceilings run at that batch
         limits = ceiling(archive_path, batch_size * images_per_request, read_archive(archive_path).threads,
-                         ceiling_cpus, args.ceiling_seconds, args.data_dir, args.image_pool)
+                         ceiling_cpus, args.ceiling_seconds, args.data_dir, args.image_pool, args.model_workers)
         spec = load_spec(server, args, name, images_per_request, args.run_time, cores.locust)
         warm_up(spec, server.key_ring)
         log_start = len(server.log_text())

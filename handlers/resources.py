@@ -1,0 +1,113 @@
+"""How many worker processes and threads the served models get, from the cores the server is given.
+
+Decided when the server starts, not when the archives are packed: the same archive runs on a
+2-core laptop and on a 16-core node. "The cores it is given" is the smaller of the CPU affinity
+mask (taskset, cpusets) and the CFS quota of its cgroup (``docker --cpus``, a Kubernetes CPU
+limit), because a container sees every core of the host in its affinity mask while its quota
+throttles it to a few. The rule and the measurements behind it are in docs/SERVING.md.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+WORKERS_ENV = "CIFAR10_WORKERS"  # worker processes of the default model
+THREADS_ENV = "CIFAR10_WORKER_THREADS"  # intra-op threads of every worker; the handler reads it
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cgroup_quota_cores(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = CGROUP_ROOT) -> float | None:
+    """The CPU quota of this process's cgroup and its ancestors in cores (cgroup v2 ``cpu.max`` or v1
+    ``cpu.cfs_quota_us``/``cpu.cfs_period_us``), the tightest one found; None when unlimited or unreadable."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2 unified hierarchy
+            files = [(directory / "cpu.max", None) for directory in _ancestors(root, path)]
+        elif "cpu" in controllers.split(","):
+            files = [(directory / "cpu.cfs_quota_us", directory / "cpu.cfs_period_us")
+                     for base in (root / "cpu", root / "cpu,cpuacct") for directory in _ancestors(base, path)]
+        else:
+            continue
+        quotas += [quota for quota in map(_read_quota, files) if quota is not None]
+    return min(quotas, default=None)
+
+
+def _ancestors(base: Path, path: str) -> list[Path]:
+    """``base/a/b``, ``base/a``, ``base``: a limit on any enclosing cgroup applies too."""
+    parts = [part for part in path.strip("/").split("/") if part]
+    return [base.joinpath(*parts[:depth]) for depth in range(len(parts), -1, -1)]
+
+
+def _read_quota(files: tuple[Path, Path | None]) -> float | None:
+    quota_file, period_file = files
+    try:
+        if period_file is None:
+            quota, period = quota_file.read_text().split()
+        else:
+            quota, period = quota_file.read_text().strip(), period_file.read_text().strip()
+    except (OSError, ValueError):
+        return None
+    if quota == "max" or int(quota) <= 0:
+        return None
+    return int(quota) / int(period)
+
+
+def available_cores() -> int:
+    """Cores this process may use: its affinity mask, capped by its cgroup quota (rounded down, at least 1)."""
+    cores = len(os.sched_getaffinity(0))
+    quota = cgroup_quota_cores()
+    if quota is not None:
+        cores = min(cores, max(1, math.floor(quota)))
+    return cores
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    """Workers of the default (hot) model, workers of every other model, and threads per worker."""
+
+    cores: int
+    default_workers: int
+    other_workers: int
+    threads: int
+
+    def describe(self) -> str:
+        return (f"{self.cores} core(s): default model {self.default_workers} worker(s) x {self.threads} thread(s), "
+                f"other models {self.other_workers} worker(s) x {self.threads} thread(s)")
+
+
+def plan(cores: int, workers: int | None = None, threads: int | None = None) -> ServingPlan:
+    """One single-threaded worker per core for the default model; workers x threads = cores when one is given.
+
+    Processes rather than threads, because the per-request work around the model (TorchServe's
+    Python worker loop, PNG decode, JSON) runs under one GIL per process: a second process fills
+    the gaps of the first while it waits on the frontend, a second intra-op thread does not. The
+    other models keep one worker each: idle, they sleep on their socket and cost memory, not CPU.
+    """
+    if workers is not None and workers < 1 or threads is not None and threads < 1:
+        raise ValueError(f"workers and threads must be at least 1, got {workers} and {threads}")
+    if workers is None:
+        workers = max(1, cores // (threads or 1))
+    if threads is None:
+        threads = max(1, cores // workers)
+    return ServingPlan(cores=cores, default_workers=workers, other_workers=1, threads=threads)
+
+
+def _positive_env(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def plan_from_environment(workers: int | None = None, threads: int | None = None) -> ServingPlan:
+    """The plan for this process's cores; explicit arguments win over CIFAR10_WORKERS / CIFAR10_WORKER_THREADS."""
+    return plan(available_cores(), workers or _positive_env(WORKERS_ENV), threads or _positive_env(THREADS_ENV))

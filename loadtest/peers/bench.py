@@ -1,0 +1,190 @@
+"""``python -m loadtest peers``: TorchServe as shipped against peer servers of the same archive, side by side.
+
+    python -m loadtest peers                                    # docs/PEERS.md + docs/peers.json (make peers)
+    python -m loadtest peers --servers torchserve torchserve:workers=1,threads=1 --rounds 2 --report-name ts_options
+
+Each server is started alone (nothing else of ours running), loaded by the same Locust user
+(loadtest/peers/locustfile.py: one real CIFAR-10 test PNG per request, closed loop) for a warm-up and
+then a measured window, and stopped; the servers alternate, in reversed order every other round, so
+that a slow drift of the machine does not favour one. Goodput counts correct labels only. The CPU of
+the server's processes, of Locust and of everything else on the machine is sampled during the
+measured window, and each round also measures the in-process ceiling of the archive with the
+shipped TorchServe's workers x threads.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from handlers.resources import plan_from_environment
+from handlers.server import DEFAULT_MODEL, REPO_ROOT
+from loadtest.archive import read_archive
+from loadtest.cpu_usage import GroupMeter
+from loadtest.images import test_images
+from loadtest.locust_csv import entry_stats, find_entry, history, rates, read_rows
+from loadtest.peers.common import GOODPUT, ROUTE
+from loadtest.peers.contenders import Contender, RunningPeer, RunningTorchServe, parse_contender
+from loadtest.peers.report import peers_markdown
+from loadtest.report import machine, write_json
+from loadtest.run import bounded, check_data_dir
+from loadtest.sweep import ceiling, shown_path
+from training.data import default_data_dir
+
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+DEFAULT_SERVERS = ("torchserve", "litserve", "fastapi-async", "fastapi-sync")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def locust(url: str, key_file: Path | None, args: argparse.Namespace, seconds: int, csv_prefix: Path,
+           log: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(args.users),
+               "-r", str(args.users), "-t", f"{seconds}s", "--host", url, "--csv", str(csv_prefix),
+               "--csv-full-history", "--only-summary", "--stop-timeout", "10", "--data-dir", args.data_dir,
+               "--image-pool", str(args.image_pool), "PeerUser"]
+    if key_file is not None:
+        command[command.index("PeerUser"):command.index("PeerUser")] = ["--key-file", str(key_file)]
+    with open(log, "w") as out:
+        return subprocess.Popen(command, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_locust(process: subprocess.Popen, seconds: int, log: Path) -> None:
+    """Wait for Locust to finish its run; it is killed if anything (a timeout, Ctrl-C) stops the wait."""
+    try:
+        code = process.wait(timeout=seconds + 120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    if code not in (0, 1):  # 1: some request failed, which the stats report
+        raise RuntimeError(f"locust exited with {code}: {log.read_text()[-2000:]}")
+
+
+def measure(contender: Contender, args: argparse.Namespace, run_dir: Path, probe: bytes) -> dict[str, Any]:
+    """Start one server, warm it up, measure it under load with its CPU, stop it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if contender.kind == "torchserve":
+        server = RunningTorchServe(contender, args.model_store, run_dir / "torchserve", args.port_base)
+    else:
+        server = RunningPeer(contender, args.archive, free_port(), run_dir / "peer.log", probe)
+    try:
+        print(f"[{run_dir.name}] {contender.name}: {server.settings}; warm-up {args.warm_up} s", flush=True)
+        warm_log = run_dir / "locust-warm-up.log"
+        wait_locust(locust(server.url, server.key_file, args, args.warm_up, run_dir / "warm-up", warm_log),
+                    args.warm_up, warm_log)
+        log, prefix = run_dir / "locust.log", run_dir / "locust"
+        process = locust(server.url, server.key_file, args, args.run_time, prefix, log)
+        with GroupMeter({"server": server.processes(), "locust": [psutil.Process(process.pid)]}) as meter:
+            wait_locust(process, args.run_time, log)
+    finally:
+        server.stop()
+    rows = read_rows(Path(f"{prefix}_stats.csv"))
+    answers, good = entry_stats(find_entry(rows, "POST", ROUTE)), entry_stats(find_entry(rows, GOODPUT, ROUTE))
+    busy = [t for t, rate in rates(history(prefix, "POST", ROUTE)) if rate > 0]
+    window = (busy[0] + 1, busy[-1] - 1) if len(busy) > 3 else (0.0, time.time())
+    result = {"server": contender.name, "kind": contender.kind, "settings": server.settings,
+              "requests": answers["count"], "failures": answers["failures"], "requests_per_s": answers["per_s"],
+              "correct": good["count"], "goodput_per_s": good["per_s"], "latency_ms": answers["latency_ms"],
+              "cpu_cores": meter.cores(*window), "csv_prefix": str(shown_path(prefix))}
+    print(f"[{run_dir.name}] {contender.name}: goodput {result['goodput_per_s']:.1f}/s "
+          f"({result['requests_per_s']:.1f} answers/s), p50 {result['latency_ms']['p50']} ms, "
+          f"p99 {result['latency_ms']['p99']} ms, failures {result['failures']}, cores {result['cpu_cores']}", flush=True)
+    return result
+
+
+def shipped_ceiling(args: argparse.Namespace) -> dict[str, Any]:
+    """The archive in process with the shipped TorchServe's workers (processes) x threads, at its batch size."""
+    plan = plan_from_environment()
+    archive = read_archive(args.archive)
+    return ceiling(args.archive, int(archive.model_config.get("batchSize", 1)), plan.threads, None,
+                   args.ceiling_seconds, args.data_dir, args.image_pool, plan.default_workers)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m loadtest peers", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--servers", nargs="+", type=parse_contender, default=list(map(parse_contender, DEFAULT_SERVERS)),
+                        help="kind[:key=value,...]: torchserve (workers, threads, batch, delay, netty, netty_client), "
+                             "litserve, fastapi-async, fastapi-sync (threads, batch, delay, intra) "
+                             f"(default: {' '.join(DEFAULT_SERVERS)})")
+    parser.add_argument("--model-store", type=Path, default=REPO_ROOT / "model_store",
+                        help="TorchServe serves every archive here, as shipped (default: model_store)")
+    parser.add_argument("--archive", type=Path, help=f"what the peers serve (default: MODEL_STORE/{DEFAULT_MODEL}.mar)")
+    parser.add_argument("--rounds", type=bounded(1, 20), default=3, help="default: 3")
+    parser.add_argument("--users", type=bounded(1, 1000), default=16, help="closed-loop Locust users (default: 16)")
+    parser.add_argument("--warm-up", type=bounded(1, 600), default=10, help="seconds of load first (default: 10)")
+    parser.add_argument("--run-time", type=bounded(1, 3600), default=30, help="measured seconds (default: 30)")
+    parser.add_argument("--ceiling-seconds", type=float, default=5.0,
+                        help="timed seconds of each in-process ceiling per round; 0 skips it (default: 5)")
+    parser.add_argument("--port-base", type=int, default=18300,
+                        help="TorchServe listens on this port and the next four (default: 18300)")
+    parser.add_argument("--data-dir", default=default_data_dir(), help="directory holding cifar-10-batches-py")
+    parser.add_argument("--image-pool", type=int, default=256, help="distinct test images cycled (default: 256)")
+    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "build" / "loadtest" / "peers")
+    parser.add_argument("--docs-dir", type=Path, default=REPO_ROOT / "docs")
+    parser.add_argument("--report-name", default="peers", help="writes DOCS_DIR/NAME.json and NAME in capitals.md")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    args.archive = args.archive or args.model_store / f"{DEFAULT_MODEL}.mar"
+    if not args.archive.is_file():
+        parser.error(f"{args.archive} not found: run `python -m export` first")
+    check_data_dir(parser, args.data_dir)
+    host_machine, started = machine(), datetime.now().astimezone().isoformat(timespec="seconds")
+    probe = test_images(args.data_dir, 1)[0][0]
+    report = {"date": started, "machine": host_machine, "plan": plan_from_environment().__dict__,
+              "command": shlex.join(["python", "-m", "loadtest", "peers", *argv]), "users": args.users,
+              "warm_up_s": args.warm_up, "run_time_s": args.run_time, "rounds": args.rounds,
+              "image_pool": args.image_pool, "archive": str(shown_path(args.archive)),
+              "servers": [contender.name for contender in args.servers], "runs": [], "ceilings": []}
+    for round_ in range(args.rounds):
+        order = args.servers if round_ % 2 == 0 else args.servers[::-1]
+        for index, contender in enumerate(order):
+            safe_name = re.sub(r"[^A-Za-z0-9_.-]+", "-", contender.name)  # model-archiver splits paths at commas
+            run_dir = args.output_dir / f"round{round_ + 1}-{index + 1}-{safe_name}"
+            try:
+                result = measure(contender, args, run_dir, probe)
+            except Exception as err:  # one server that cannot start must not cost the others' numbers
+                print(f"[{run_dir.name}] {contender.name} failed: {err!r}", flush=True)
+                result = failed_run(contender, err)
+            report["runs"].append({"round": round_ + 1, **result})
+            write_report(report, args)  # after every run, so that an interrupted benchmark keeps what it measured
+        if args.ceiling_seconds:
+            report["ceilings"].append({"round": round_ + 1, **shipped_ceiling(args)})
+            print(f"[round {round_ + 1}] ceiling: {json.dumps(report['ceilings'][-1])}", flush=True)
+            write_report(report, args)
+    markdown, data = write_report(report, args)
+    print(f"written {markdown} and {data}")
+    return 1 if any(run["failures"] or "error" in run for run in report["runs"]) else 0
+
+
+def failed_run(contender: Contender, err: Exception) -> dict[str, Any]:
+    return {"server": contender.name, "kind": contender.kind, "settings": {}, "requests": 0, "failures": 0,
+            "requests_per_s": 0.0, "correct": 0, "goodput_per_s": 0.0, "latency_ms": {"p50": None, "p99": None},
+            "cpu_cores": None, "error": repr(err)[:500]}
+
+
+def write_report(report: dict[str, Any], args: argparse.Namespace) -> tuple[Path, Path]:
+    args.docs_dir.mkdir(parents=True, exist_ok=True)
+    data, markdown = args.docs_dir / f"{args.report_name}.json", args.docs_dir / f"{args.report_name.upper()}.md"
+    write_json(data, report)
+    markdown.write_text(peers_markdown(report, data.name))
+    return markdown, data

@@ -1,0 +1,181 @@
+"""The servers of the peer benchmark: TorchServe as shipped (or with one setting changed) and the peers.
+
+A contender is written ``kind`` or ``kind:key=value,key=value`` on the command line, e.g.
+``torchserve``, ``torchserve:workers=1,threads=2``, ``litserve:batch=16,delay=10``, ``fastapi-sync:threads=2``.
+Each is started alone, answers on ``/predictions/cifar10``, and is stopped with all its processes.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import psutil
+import requests
+
+from handlers.resources import available_cores, plan_from_environment
+from handlers.server import DEFAULT_MODEL, REPO_ROOT, TorchServe, free_port_overrides
+from loadtest.peers.common import ROUTE
+
+PEER_MODULES = {"litserve": "loadtest.peers.litserve_batched", "fastapi-async": "loadtest.peers.fastapi_async",
+                "fastapi-sync": "loadtest.peers.fastapi_sync"}
+PEER_OPTIONS = {"threads": "--threads", "batch": "--batch-size", "delay": "--batch-delay-ms",
+                "intra": "--intra-op-threads"}
+# As the peers were tried (docs/PEERS.md): LitServe with its defaults plus batching, FastAPI's sync
+# endpoint with one inference thread per core ("cores" is replaced by the cores the benchmark has).
+PEER_DEFAULTS: dict[str, dict[str, int | str]] = {"litserve": {"threads": 1, "batch": 16, "delay": 10},
+                                                  "fastapi-async": {}, "fastapi-sync": {"threads": "cores"}}
+# TorchServe settings a contender may change; the rest of the shipped config stays as it is. ``micro``
+# (micro-batch size) and ``async`` (1) swap in an experiment entry point (loadtest/experiments/).
+TS_OPTIONS = ("workers", "threads", "batch", "delay", "netty", "netty_client", "micro", "async")
+READY_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class Contender:
+    kind: str
+    options: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.kind + (":" + ",".join(f"{k}={v}" for k, v in self.options.items()) if self.options else "")
+
+
+def parse_contender(text: str) -> Contender:
+    """``kind[:key=value,...]`` with integer values; unknown kinds and keys are refused."""
+    kind, _, rest = text.partition(":")
+    allowed = TS_OPTIONS if kind == "torchserve" else tuple(PEER_OPTIONS) if kind in PEER_MODULES else None
+    if allowed is None:
+        raise ValueError(f"unknown server {kind!r}: expected torchserve or one of {', '.join(PEER_MODULES)}")
+    options = {}
+    for pair in filter(None, rest.split(",")):
+        key, _, value = pair.partition("=")
+        if key not in allowed or not value.isdigit():
+            raise ValueError(f"{text!r}: {kind} takes {', '.join(allowed)} as key=integer")
+        options[key] = int(value)
+    return Contender(kind, options)
+
+
+class Running(Protocol):
+    url: str
+    key_file: Path | None
+    settings: dict
+
+    def processes(self) -> list[psutil.Process]: ...
+
+    def stop(self) -> None: ...
+
+
+class RunningTorchServe:
+    """The shipped deployment (config.properties, every archive, the serve-time plan), or one setting changed:
+    batch size and delay need the archive registered with them, as TorchServe takes them from the
+    archive otherwise."""
+
+    def __init__(self, contender: Contender, model_store: Path, workdir: Path, port_base: int) -> None:
+        options = contender.options
+        if "micro" in options or "async" in options:
+            model_store = self._experiment_store(options, model_store, workdir / "experiment")
+        plan = plan_from_environment(options.get("workers"), options.get("threads"))
+        overrides = free_port_overrides(port_base)
+        if "netty" in options:
+            overrides["number_of_netty_threads"] = str(options["netty"])
+        if "netty_client" in options:
+            overrides["netty_client_threads"] = str(options["netty_client"])
+        register = "batch" in options or "delay" in options
+        if register:
+            overrides["load_models"] = ""
+        self.server = TorchServe(workdir=workdir, model_store=model_store, overrides=overrides,
+                                 enable_model_api=register, plan=plan)
+        self.server.start(wait_for=[] if register else sorted(path.stem for path in model_store.glob("*.mar")),
+                          timeout=READY_TIMEOUT_S)
+        if register:
+            self._register(options.get("batch"), options.get("delay"), plan.default_workers)
+            self.server.apply_plan(plan, timeout=READY_TIMEOUT_S)  # the archive's minWorkers beat initial_workers
+        self.url = self.server.inference_url
+        self.key_file = self.server.workdir / "key_file.json"
+        described = self.server.describe(DEFAULT_MODEL)
+        self.settings = {"workers": len(described["workers"]), "threads": plan.threads,
+                         "batch_size": described["batchSize"], "max_batch_delay_ms": described["maxBatchDelay"],
+                         "cores": plan.cores, **{k: v for k, v in options.items() if k.startswith("netty")}}
+
+    @staticmethod
+    def _experiment_store(options: dict[str, int], model_store: Path, workdir: Path) -> Path:
+        from loadtest.experiments.archive import experiment_store
+
+        shipped = model_store / f"{DEFAULT_MODEL}.mar"
+        if "micro" in options:
+            return experiment_store(shipped, "micro_batching", {"micro_batching": {"micro_batch_size": options["micro"]}},
+                                    workdir)
+        return experiment_store(shipped, "async", {"asyncCommunication": bool(options["async"])}, workdir)
+
+    def _register(self, batch: int | None, delay: int | None, workers: int) -> None:
+        params = {"url": f"{DEFAULT_MODEL}.mar", "model_name": DEFAULT_MODEL, "initial_workers": workers,
+                  "synchronous": "true"}
+        params |= {"batch_size": batch} if batch else {}
+        params |= {"max_batch_delay": delay} if delay is not None else {}
+        response = self.server.call("management", "POST", f"{self.server.management_url}/models", params=params,
+                                    timeout=READY_TIMEOUT_S)
+        response.raise_for_status()
+
+    def processes(self) -> list[psutil.Process]:
+        return self.server.processes()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+class RunningPeer:
+    """``python -m loadtest.peers.<module>`` in its own process group, ready once it classifies a PNG."""
+
+    def __init__(self, contender: Contender, archive: Path, port: int, log: Path, probe: bytes) -> None:
+        cores = available_cores()
+        defaults = {k: cores if v == "cores" else v for k, v in PEER_DEFAULTS[contender.kind].items()}
+        options = defaults | contender.options
+        command = [sys.executable, "-m", PEER_MODULES[contender.kind], "--archive", str(archive), "--port", str(port)]
+        for key, value in options.items():
+            command += [PEER_OPTIONS[key], str(value)]
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as out:
+            self.process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        self.root = psutil.Process(self.process.pid)
+        self.url, self.key_file, self.settings = f"http://127.0.0.1:{port}", None, options
+        try:
+            self._wait_ready(probe, log)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, probe: bytes, log: Path) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"peer exited with {self.process.returncode}: {log.read_text()[-2000:]}")
+            try:
+                if requests.post(self.url + ROUTE, data=probe, headers={"Content-Type": "image/png"}, timeout=5).ok:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"peer not ready after {READY_TIMEOUT_S} s; see {log}")
+
+    def processes(self) -> list[psutil.Process]:
+        try:
+            return [self.root, *self.root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self) -> None:
+        family = self.processes()
+        for process in family:
+            try:
+                process.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(family, timeout=20)
+        for process in alive:
+            process.kill()
+        psutil.wait_procs(alive, timeout=10)

@@ -1,0 +1,109 @@
+"""Workers x threads from the cores the server is given: cgroup quotas (v1 and v2), the rule, its overrides."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import requests
+from hypothesis import given, strategies as st
+
+from handlers import resources
+from handlers.resources import (THREADS_ENV, WORKERS_ENV, ServingPlan, available_cores, cgroup_quota_cores, plan,
+                                plan_from_environment)
+from handlers.server import TorchServe
+from handlers.tokens import bearer
+from tests.conftest import ports_for
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_cgroup_v2_takes_the_tightest_quota_of_the_cgroup_and_its_ancestors(tmp_path: Path) -> None:
+    write(tmp_path / "proc", "0::/kubepods/pod1/container\n")
+    write(tmp_path / "fs/kubepods/pod1/container/cpu.max", "max 100000\n")
+    write(tmp_path / "fs/kubepods/pod1/cpu.max", "150000 100000\n")  # a pod limit of 1.5 cores
+    write(tmp_path / "fs/cpu.max", "400000 100000\n")
+    assert cgroup_quota_cores(tmp_path / "proc", tmp_path / "fs") == 1.5
+
+
+def test_cgroup_v1_quota_and_an_unlimited_one(tmp_path: Path) -> None:
+    write(tmp_path / "proc", "4:cpu,cpuacct:/docker/abc\n3:memory:/docker/abc\n")
+    write(tmp_path / "fs/cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "200000\n")
+    write(tmp_path / "fs/cpu,cpuacct/docker/abc/cpu.cfs_period_us", "100000\n")
+    assert cgroup_quota_cores(tmp_path / "proc", tmp_path / "fs") == 2.0
+    write(tmp_path / "fs/cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "-1\n")
+    assert cgroup_quota_cores(tmp_path / "proc", tmp_path / "fs") is None
+
+
+def test_no_cgroup_information_means_no_quota(tmp_path: Path) -> None:
+    assert cgroup_quota_cores(tmp_path / "missing", tmp_path) is None
+    write(tmp_path / "proc", "0::/\n")
+    assert cgroup_quota_cores(tmp_path / "proc", tmp_path / "empty") is None
+
+
+@pytest.mark.parametrize("quota, expected", [(None, 2), (0.5, 1), (1.5, 1), (8.0, 2)])
+def test_available_cores_is_the_affinity_capped_by_the_quota(monkeypatch: pytest.MonkeyPatch, quota, expected) -> None:
+    monkeypatch.setattr(resources.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(resources, "cgroup_quota_cores", lambda: quota)
+    assert available_cores() == expected
+
+
+@given(cores=st.integers(1, 256))
+def test_by_default_the_hot_model_gets_one_single_threaded_worker_per_core(cores: int) -> None:
+    chosen = plan(cores)
+    assert (chosen.default_workers, chosen.threads, chosen.other_workers) == (cores, 1, 1)
+
+
+@given(cores=st.integers(1, 256), workers=st.none() | st.integers(1, 64), threads=st.none() | st.integers(1, 64))
+def test_overrides_are_kept_and_the_other_value_fills_the_cores(cores: int, workers: int | None,
+                                                                 threads: int | None) -> None:
+    chosen = plan(cores, workers, threads)
+    assert chosen.default_workers == (workers or chosen.default_workers)
+    assert chosen.threads == (threads or chosen.threads)
+    if workers is None or threads is None:  # the derived value never oversubscribes beyond what was asked for
+        assert chosen.default_workers * chosen.threads <= max(cores, workers or 1, threads or 1)
+        assert chosen.default_workers * chosen.threads > cores - max(workers or 1, threads or 1)
+
+
+@pytest.mark.parametrize("workers, threads", [(0, None), (None, 0), (-2, 1)])
+def test_non_positive_overrides_are_refused(workers, threads) -> None:
+    with pytest.raises(ValueError):
+        plan(4, workers, threads)
+
+
+def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(resources, "available_cores", lambda: 4)
+    monkeypatch.delenv(WORKERS_ENV, raising=False)
+    monkeypatch.setenv(THREADS_ENV, "2")
+    assert (plan_from_environment().default_workers, plan_from_environment().threads) == (2, 2)
+    assert plan_from_environment(workers=1).threads == 2  # an explicit argument beats the environment
+    monkeypatch.setenv(WORKERS_ENV, "two")
+    with pytest.raises(ValueError, match=WORKERS_ENV):
+        plan_from_environment()
+
+
+def test_the_handler_reads_the_threads_the_server_sets() -> None:
+    from handlers.cifar10_handler import THREADS_ENV as HANDLER_THREADS_ENV  # the archive cannot import resources
+
+    assert HANDLER_THREADS_ENV == THREADS_ENV
+
+
+@pytest.mark.slow
+def test_a_server_started_with_a_plan_runs_its_workers_and_threads(model_store: Path, tmp_path: Path,
+                                                                  test_images: list[tuple[bytes, int]]) -> None:
+    """The plan reaches TorchServe (workers per model) and every worker's handler (threads), on a real server."""
+    chosen = ServingPlan(cores=4, default_workers=2, other_workers=1, threads=2)  # unlike the archive's 1 x 1
+    server = TorchServe(workdir=tmp_path, model_store=model_store, plan=chosen,
+                        overrides=ports_for(18110) | {"load_models": "cifar10.mar"})
+    with server.start(wait_for=["cifar10"]):
+        workers = server.describe("cifar10")["workers"]
+        assert len(workers) == 2 and all(worker["status"] == "READY" for worker in workers)
+        loaded = re.findall(r"loaded \S+ \(\S+\) on cpu with (\d+) thread\(s\)", server.log_text())
+        assert loaded == ["2", "2"], loaded
+        image, _ = test_images[0]
+        response = requests.post(f"{server.inference_url}/predictions/cifar10", data=image, timeout=60,
+                                 headers=bearer(server.keys["inference"]) | {"Content-Type": "image/png"})
+        assert response.status_code == 200 and response.json()["label"] == "cat"
