@@ -102,7 +102,7 @@ image:
 
 # Runs the built image and talks to it on 127.0.0.1 only (tests/test_image.py).
 image-test: venv grpc
-	IMAGE=$(IMAGE) DOCKER=$(DOCKER) $(PY) -m pytest tests/test_image.py $(PYTEST_ARGS)
+	CIFAR10_TEST_IMAGE=$(IMAGE) DOCKER=$(DOCKER) $(PY) -m pytest tests/test_image.py $(PYTEST_ARGS)
 
 # TorchServe as shipped against LitServe and FastAPI/uvicorn on the same archive (docs/PEERS.md, about 15 min).
 peers: venv model-store

@@ -160,6 +160,7 @@ class TorchServe:
         """Run the torchserve CLI; its output goes to a file because the frontend it starts inherits it."""
         executable = Path(sys.executable).with_name("torchserve")
         console = self.workdir / "logs" / "torchserve_cli.log"
+        console.parent.mkdir(parents=True, exist_ok=True)
         with open(console, "a") as out:
             result = subprocess.run([str(executable), *args], cwd=self.workdir, env=self._env(),
                                     stdout=out, stderr=subprocess.STDOUT, timeout=120)

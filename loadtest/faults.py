@@ -28,7 +28,8 @@ import psutil
 import requests
 import yaml
 
-from handlers.server import REPO_ROOT, TorchServe, bearer, free_port_overrides
+from handlers.server import REPO_ROOT, TorchServe, free_port_overrides
+from handlers.tokens import bearer
 from loadtest.entries import request_entry
 from loadtest.images import test_images
 from loadtest.locust_csv import read_rows, run_stats
@@ -180,7 +181,7 @@ def main(argv: list[str]) -> int:
             spec = LoadSpec(host=server.inference_url, management=server.management_url,
                             grpc_target=server.grpc_inference_target, key_file=server.workdir / "key_file.json",
                             model=args.model, users=args.users, run_time_s=args.run_time, data_dir=args.data_dir)
-            warm_up(spec, server.keys["inference"])
+            warm_up(spec, server.key_ring)
             output = Path(scratch) / "locust"
             output.mkdir()
             locust = threading.Thread(target=lambda: setattr(locust, "prefix", run_locust(spec, output)))

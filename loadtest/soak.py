@@ -152,7 +152,7 @@ def main(argv: list[str]) -> int:
                             grpc_target=server.grpc_inference_target, key_file=server.workdir / "key_file.json",
                             model=args.model, users=args.users, run_time_s=round(args.minutes * 60),
                             data_dir=args.data_dir)
-            warm_up(spec, server.keys["inference"])
+            warm_up(spec, server.key_ring)
             output = Path(scratch) / "locust"
             output.mkdir()
             stop = threading.Event()

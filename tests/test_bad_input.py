@@ -22,13 +22,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from handlers.server import TorchServe, bearer
+from handlers.server import TorchServe
+from handlers.tokens import bearer
 from loadtest.archive import extract, read_archive
 from loadtest.ceiling import import_handler
 from tests.test_serving import batch_log_lines, encode
 from training.model import CLASSES
 
-MODEL = "cifar10"  # static INT8 ONNX, batchSize 8 in its model-config.yaml
+MODEL = "cifar10_onnx_int8_static"  # batchSize 8 in its model-config.yaml, one worker whatever the cores
 GOOD_PER_BATCH = 5
 
 

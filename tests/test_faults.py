@@ -1,6 +1,6 @@
 """A killed or hung model worker is replaced while requests keep coming, and only in-flight requests fail.
 
-Its own TorchServe (shipped config, ports 18110..18114) serves a copy of cifar10.mar whose
+Its own TorchServe (shipped config, ports 18140..18144) serves a copy of cifar10.mar whose
 responseTimeout is short, so that a hung worker is detected in seconds. The fault injection and
 recovery check are the benchmark's own (loadtest/faults.py, figures in docs/FAULTS.md); here the
 load is a few threads sending back to back, and the bounds are generous: they catch a worker that
@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from handlers.server import TorchServe, bearer
+from handlers.server import TorchServe
+from handlers.tokens import bearer
 from loadtest.faults import gone, inject, with_response_timeout
 from tests.conftest import ports_for
 from training.model import CLASSES
@@ -33,7 +34,7 @@ def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Torch
     workdir = tmp_path_factory.mktemp("torchserve-faults")
     store = workdir / "store"
     with_response_timeout(model_store / f"{MODEL}.mar", store, RESPONSE_TIMEOUT_S)
-    server = TorchServe(workdir=workdir, model_store=store, overrides=ports_for(18110))
+    server = TorchServe(workdir=workdir, model_store=store, overrides=ports_for(18140))
     server.start(wait_for=[MODEL])
     yield server
     server.stop()

@@ -1,6 +1,6 @@
 """The built container image, run the way torchserve.yaml runs it (`make image-test`).
 
-Skipped unless IMAGE names a built image (make image-test sets it): Docker and a ~10 GB image are
+Skipped unless CIFAR10_TEST_IMAGE names a built image (make image-test sets it): Docker and a ~10 GB image are
 not part of the default suite. The container runs as the image's non-root user with a read-only root
 file system, a tmpfs /tmp, no capabilities and the manifest's memory limit; its working directory is
 a host directory, which is how a client gets key_file.json. The test talks to it only on 127.0.0.1
@@ -27,7 +27,7 @@ from tests.conftest import PORT_OFFSET
 from tests.test_serving import probabilities_of, reference_probabilities  # noqa: F401 (fixture)
 from training.model import CLASSES
 
-IMAGE = os.environ.get("IMAGE")
+IMAGE = os.environ.get("CIFAR10_TEST_IMAGE")
 DOCKER = os.environ.get("DOCKER", "docker")
 pytestmark = pytest.mark.skipif(not IMAGE, reason="needs a built image: make image-test")
 

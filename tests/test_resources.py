@@ -97,7 +97,7 @@ def test_a_server_started_with_a_plan_runs_its_workers_and_threads(model_store: 
     """The plan reaches TorchServe (workers per model) and every worker's handler (threads), on a real server."""
     chosen = ServingPlan(cores=4, default_workers=2, other_workers=1, threads=2)  # unlike the archive's 1 x 1
     server = TorchServe(workdir=tmp_path, model_store=model_store, plan=chosen,
-                        overrides=ports_for(18110) | {"load_models": "cifar10.mar"})
+                        overrides=ports_for(18150) | {"load_models": "cifar10.mar"})
     with server.start(wait_for=["cifar10"]):
         workers = server.describe("cifar10")["workers"]
         assert len(workers) == 2 and all(worker["status"] == "READY" for worker in workers)
