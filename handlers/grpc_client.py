@@ -94,7 +94,7 @@ class TorchServeGrpc:
         try:
             return method(request, metadata=_metadata(key), timeout=timeout)
         except grpc.RpcError as err:
-            if not (isinstance(self.keys, KeyRing) and key is not None and is_refusal(err)):
+            if not (isinstance(self.keys, KeyRing) and key is not None and is_key_refusal(err)):
                 raise
         return method(request, metadata=_metadata(self.keys.renew(kind, key)), timeout=timeout)
 
@@ -189,7 +189,7 @@ def _metadata(key: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {key}"),) if key is not None else ()
 
 
-def is_refusal(error: grpc.RpcError) -> bool:
+def is_key_refusal(error: grpc.RpcError) -> bool:
     """TorchServe refusing the key (expired, wrong, missing), as opposed to refusing the call."""
     return (error.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
             and REFUSAL_MESSAGE in (error.details() or ""))  # type: ignore[attr-defined]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import requests
 
-from handlers.tokens import KINDS, Kind, bearer, read_key_file
+from handlers.tokens import KINDS, Kind, read_key_file, request_new_key
 
 
 def parse_instant(text: str) -> datetime:
@@ -45,9 +45,7 @@ def renew_due(key_file: Path, management_url: str, margin: timedelta, timeout: f
         now = datetime.now(timezone.utc)
         due = [kind for kind in KINDS if parse_instant(entries[kind]["expiration time"]) - now <= margin]
         for kind in due:
-            response = requests.post(f"{management_url.rstrip('/')}/token", params={"type": kind},
-                                     headers=bearer(api_key), timeout=timeout)
-            response.raise_for_status()
+            request_new_key(management_url, api_key, kind, timeout)
     return due
 
 

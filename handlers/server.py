@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import requests
 
+from handlers.health import DEFAULT_BIND as DEFAULT_HEALTH_BIND
 from handlers.resources import THREADS_ENV, WORKERS_ENV, ServingPlan, plan_from_environment
 from handlers.tokens import KeyRing, Kind, read_key_file
 
@@ -27,7 +28,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_CONFIG = REPO_ROOT / "config.properties"
 DEFAULT_MODEL = "cifar10"  # the archive `python -m export` packs as the default variant: the one clients call
 LOG_CONFIG_FLAG = "-Dlog4j.configurationFile="
-DEFAULT_HEALTH_BIND = "127.0.0.1:8083"
 HEALTH_PID_FILE = "health.pid"
 
 

@@ -59,6 +59,16 @@ def is_refusal(status: int, body: str | bytes) -> bool:
     return status == 400 and REFUSAL_MESSAGE in text
 
 
+def request_new_key(management_url: str, api_key: str, kind: Kind, timeout: float = 10.0) -> None:
+    """Ask TorchServe's token API for a new ``kind`` key; TorchServe writes it into key_file.json.
+
+    The caller holds the key file's lock (see KeyRing.renew): every renewal invalidates the old key.
+    """
+    response = requests.post(f"{management_url.rstrip('/')}/token", params={"type": kind},
+                             headers=bearer(api_key), timeout=timeout)
+    response.raise_for_status()
+
+
 class KeyRing:
     """The current keys of one TorchServe, renewed through its token API when they expire.
 
@@ -77,18 +87,13 @@ class KeyRing:
     def __getitem__(self, kind: Kind) -> str:
         return self._keys[kind]
 
-    def headers(self, kind: Kind) -> dict[str, str]:
-        return bearer(self._keys[kind])
-
     def renew(self, kind: Kind, refused: str) -> str:
         """A valid ``kind`` key after TorchServe refused ``refused``: another client's renewal or a new one."""
         with self._lock, open(self.key_file) as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)  # held until the file is closed
             self._keys = read_key_file(self.key_file)
             if self._keys[kind] == refused and self.management_url is not None:
-                response = requests.post(f"{self.management_url}/token", params={"type": kind},
-                                         headers=bearer(self._keys["API"]), timeout=self.timeout)
-                response.raise_for_status()
+                request_new_key(self.management_url, self._keys["API"], kind, self.timeout)
                 self._keys = read_key_file(self.key_file)  # TorchServe rewrote it before answering
             return self._keys[kind]
 

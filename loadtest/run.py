@@ -71,7 +71,7 @@ class LoadSpec:
             raise ValueError("gRPC requests carry one image: --images-per-request 1")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -88,7 +88,7 @@ def locust_commands(spec: LoadSpec, csv_prefix: Path) -> list[list[str]]:
            "--stop-timeout", "10", USER_CLASSES[spec.protocol]]
     if not spec.workers:
         return [base + run]
-    port = str(_free_port())
+    port = str(free_port())
     master = base + ["--master", "--master-bind-host", "127.0.0.1", "--master-bind-port", port,
                      "--expect-workers", str(spec.workers), "--expect-workers-max-wait", "120"] + run
     worker = base + ["--worker", "--master-host", "127.0.0.1", "--master-port", port, USER_CLASSES[spec.protocol]]

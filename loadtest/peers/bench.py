@@ -17,7 +17,6 @@ import argparse
 import json
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from loadtest.cpu_usage import GroupMeter
 from loadtest.images import test_images
 from loadtest.locust_csv import entry_stats, find_entry, history, rates, read_rows
 from loadtest.peers.common import GOODPUT, ROUTE
+from loadtest.run import free_port
 from loadtest.peers.contenders import Contender, RunningPeer, RunningTorchServe, parse_contender
 from loadtest.peers.report import peers_markdown
 from loadtest.report import machine, write_json
@@ -43,12 +43,6 @@ from training.data import default_data_dir
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 DEFAULT_SERVERS = ("torchserve", "litserve", "fastapi-async", "fastapi-sync")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def locust(url: str, key_file: Path | None, args: argparse.Namespace, seconds: int, csv_prefix: Path,
