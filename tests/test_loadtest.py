@@ -276,7 +276,7 @@ def test_cpu_meter_attributes_a_busy_worker() -> None:
     finally:
         spinner.kill()
     first, last = meter.samples[0], meter.samples[-1]
-    assert 0.8 <= last.workers - first.workers <= 1.5
+    assert 0.8 <= last.groups["workers"] - first.groups["workers"] <= 1.5
     cores = meter.cores(first.t, last.t)
     assert cores is not None and cores["workers"] > cores["frontend"]
     assert cores["frontend"] + cores["workers"] + cores["other"] <= os.cpu_count() + 0.1
