@@ -125,11 +125,16 @@ def make_server(health: Health, bind: str = DEFAULT_BIND) -> ThreadingHTTPServer
     return server
 
 
-def check(url: str, probe: str, timeout: float = PROBE_TIMEOUT + 2) -> bool:
+def requests_status(url: str, timeout: float = 2.0) -> int | None:
+    """The HTTP status of GET ``url``, or None when nothing answers."""
     try:
-        return requests.get(f"{url.rstrip('/')}/{probe}", timeout=timeout).status_code == 200
+        return requests.get(url, timeout=timeout).status_code
     except requests.RequestException:
-        return False
+        return None
+
+
+def check(url: str, probe: str, timeout: float = PROBE_TIMEOUT + 2) -> bool:
+    return requests_status(f"{url.rstrip('/')}/{probe}", timeout) == 200
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ import psutil
 import requests
 
 from handlers.health import DEFAULT_BIND as DEFAULT_HEALTH_BIND
+from handlers.health import requests_status
 from handlers.resources import THREADS_ENV, WORKERS_ENV, ServingPlan, plan_from_environment
 from handlers.tokens import KeyRing, Kind, read_key_file
 
@@ -29,14 +30,6 @@ SHIPPED_CONFIG = REPO_ROOT / "config.properties"
 DEFAULT_MODEL = "cifar10"  # the archive `python -m export` packs as the default variant: the one clients call
 LOG_CONFIG_FLAG = "-Dlog4j.configurationFile="
 HEALTH_PID_FILE = "health.pid"
-
-
-def requests_status(url: str, timeout: float = 2.0) -> int | None:
-    """The HTTP status of GET ``url``, or None when nothing answers."""
-    try:
-        return requests.get(url, timeout=timeout).status_code
-    except requests.RequestException:
-        return None
 
 
 def store_only_urls(model_store: Path) -> str:
