@@ -183,14 +183,17 @@ def timing(runner: Runner, reference: Reference, args: argparse.Namespace) -> di
 
 
 def check_floor(variant: str, path: Path, reference: Reference, images: np.ndarray, labels: np.ndarray,
-                checkpoint_metadata: dict[str, Any], args: argparse.Namespace) -> tuple[dict[str, Any], np.ndarray]:
+                checkpoint_metadata: dict[str, Any], args: argparse.Namespace,
+                verified_logits: np.ndarray | None) -> dict[str, Any]:
     """Run one fp32 export on the whole test set: its accuracy must match the checkpoint's recorded one.
 
+    It runs only once every variant passed on the verified images, so a refusal does not wait for it.
     The fp32 ONNX model is used where it exists (the fastest fp32 runtime here), else TorchScript; its
     logits on the verified images must also match the checkpoint's, so that it speaks for the checkpoint.
-    Returns the floor's record and the logits on every test image (reused by that variant's verification).
+    ``verified_logits``: its logits from verification, reused when those covered the whole test set.
     """
-    logits = predict(load_runner(path, args.threads), images, args.eval_batch_size, f"{variant} (all test images)")
+    logits = (verified_logits if verified_logits is not None and len(reference.labels) == len(labels) else
+              predict(load_runner(path, args.threads), images, args.eval_batch_size, f"{variant} (all test images)"))
     measured = accuracy(logits, labels)
     parity = compare(logits[reference.indices], reference.logits, reference.labels, args.parity_images)
     reason = (None if parity["max_abs_diff"] <= args.fp32_tolerance else
@@ -203,18 +206,15 @@ def check_floor(variant: str, path: Path, reference: Reference, images: np.ndarr
              "max_abs_diff": parity["max_abs_diff"], "passed": reason is None, "reason": reason}
     print(f"accuracy floor ({variant} on {len(labels)} test images, {100 * measured:.2f}%): "
           f"{'passed' if reason is None else 'FAILED, ' + reason}", flush=True)
-    return floor, logits
+    return floor
 
 
 def verify(variant: str, path: Path, metadata: dict[str, Any], reference: Reference, limit: float,
-           args: argparse.Namespace, full_logits: np.ndarray | None = None) -> tuple[Path, dict[str, Any]]:
-    """Run, judge (and with --benchmark time) one artifact; write its JSON description and return it with the report row.
-
-    ``full_logits``: the artifact's logits on every test image, when the accuracy floor already computed them.
-    """
+           args: argparse.Namespace) -> tuple[Path, dict[str, Any], np.ndarray]:
+    """Run, judge (and with --benchmark time) one artifact; write its JSON description and return it with
+    the report row and the artifact's logits on the verified images."""
     runner = load_runner(path, args.threads)
-    logits = (full_logits[reference.indices] if full_logits is not None
-              else predict(runner, reference.images, args.eval_batch_size, variant))
+    logits = predict(runner, reference.images, args.eval_batch_size, variant)
     result = compare(logits, reference.logits, reference.labels, args.parity_images)
     reason = rejection_reason(variant, result, reference.accuracy, limit, args.min_agreement / 100)
     verification = {**result, "reference_accuracy": reference.accuracy, "limit": limit,
@@ -224,7 +224,8 @@ def verify(variant: str, path: Path, metadata: dict[str, Any], reference: Refere
     sidecar = write_sidecar(path, {**metadata, "file_sha256": file_sha256(path), "verification": verification,
                                    **({"benchmark": {**speed, "threads": args.threads}} if speed else {})})
     print(f"{variant}: {'accepted' if reason is None else 'REJECTED, ' + reason}", flush=True)
-    return sidecar, table_row(variant, path, result, speed, "accepted" if reason is None else "rejected", reason)
+    return sidecar, table_row(variant, path, result, speed, "accepted" if reason is None else "rejected",
+                              reason), logits
 
 
 def pack(artifacts: dict[str, tuple[Path, Path]], classes: list[str], store: Path,
@@ -253,7 +254,7 @@ def archive_key(args: argparse.Namespace) -> str:
 
 
 def run_report(argv: list[str], args: argparse.Namespace, common: dict[str, Any], reference: Reference,
-               rows: list[dict[str, Any]], floor: dict[str, Any], load_average: list[float],
+               rows: list[dict[str, Any]], floor: dict[str, Any] | None, load_average: list[float],
                busy_percent: float | None) -> dict[str, Any]:
     """Everything EXPORT.md and export.json state about this run, except the archives and duration."""
     return {
@@ -327,20 +328,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for variant, (path, fields) in built.items():
             metadata = {"variant": variant, "file": path.name, **common, **fields}
             described[variant] = embed_onnx_metadata(path, metadata) if fields["format"] == "onnx" else metadata
-        floor_variant, floor_path = ("onnx", fp32_onnx) if fp32_onnx else ("torchscript", built["torchscript"][0])
-        floor, floor_logits = check_floor(floor_variant, floor_path, reference, images, labels,
-                                          checkpoint_metadata, args)
+        verified_logits = {}
         for variant, (path, _) in built.items():
-            sidecar, row = verify(variant, path, described[variant], reference, limits[variant], args,
-                                  floor_logits if variant == floor_variant else None)
+            sidecar, row, verified_logits[variant] = verify(variant, path, described[variant], reference,
+                                                            limits[variant], args)
             artifacts[variant] = (path, sidecar)
             rows.append(row)
+        floor_variant, floor_path = ("onnx", fp32_onnx) if fp32_onnx else ("torchscript", built["torchscript"][0])
+        floor = (None if any(row["status"] == "rejected" for row in rows) else
+                 check_floor(floor_variant, floor_path, reference, images, labels, checkpoint_metadata, args,
+                             verified_logits.get(floor_variant)))
 
     report = run_report(argv, args, common, reference, rows, floor, load_average, busy_percent)
     if busy_warning(report):
         print(f"warning: {busy_warning(report)}", flush=True)
     refusals = [f"{row['variant']}: {row['reason']}" for row in rows if row["status"] == "rejected"]
-    refusals += [] if floor["passed"] else [f"accuracy floor: {floor['reason']}"]
+    refusals += [f"accuracy floor: {floor['reason']}"] if floor and not floor["passed"] else []
     if not refusals:
         entries = {name: {"key": key, "checkpoint_sha256": common["checkpoint_sha256"],
                           "verified_images": len(indices), "test_images": len(labels)} for name in names}

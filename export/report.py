@@ -87,7 +87,9 @@ def cpu_line(report: dict[str, Any]) -> str:
             + f"load average {report['load_average']}")
 
 
-def floor_line(floor: dict[str, Any]) -> str:
+def floor_line(floor: dict[str, Any] | None) -> str:
+    if floor is None:
+        return "- Accuracy floor: not run, since a variant was already refused"
     verdict = "passed" if floor["passed"] else f"**failed**: {floor['reason']}"
     return (f"- Accuracy floor: fp32 `{floor['model']}` on all {floor['test_images']} test images "
             f"{100 * floor['accuracy']:.2f}%, at most {floor['max_points']:g} point from the checkpoint's record: "
@@ -135,10 +137,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         *speedup_notes([row for row in report["rows"] if row["status"] == "accepted"]),
     ]
     rejected = [row for row in report["rows"] if row["status"] == "rejected"]
-    if rejected or not report["floor"]["passed"]:
+    floor_failed = report["floor"] is not None and not report["floor"]["passed"]
+    if rejected or floor_failed:
         lines += ["", "Rejected, so nothing was packed:",
                   *[f"- `{row['variant']}`: {row['reason']}" for row in rejected],
-                  *([] if report["floor"]["passed"] else [f"- accuracy floor: {report['floor']['reason']}"])]
+                  *([f"- accuracy floor: {report['floor']['reason']}"] if floor_failed else [])]
     if report["archives"]:
         packing = report["packing"]
         lines += [

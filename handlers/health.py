@@ -25,6 +25,7 @@ import json
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -74,16 +75,26 @@ class Health:
         return response.json()
 
     def _models(self) -> list[str]:
-        names: list[str] = []
-        token: str | None = "0"
-        while token is not None:
-            page = self._get("/models", limit=PAGE, next_page_token=token)
-            names += [model["modelName"] for model in page["models"]]
-            token = page.get("nextPageToken")
-        return names
+        return model_names(self._get)
 
     def _has_ready_worker(self, model: str) -> bool:
-        return any(worker["status"] == "READY" for worker in self._get(f"/models/{model}")[0]["workers"])
+        return ready_workers(self._get(f"/models/{model}")[0]) > 0
+
+
+def model_names(get: Callable[..., Any]) -> list[str]:
+    """Every registered model, page by page; ``get(path, **params)`` answers a management GET as JSON."""
+    names: list[str] = []
+    token: str | None = "0"
+    while token is not None:
+        page = get("/models", limit=PAGE, next_page_token=token)
+        names += [model["modelName"] for model in page["models"]]
+        token = page.get("nextPageToken")
+    return names
+
+
+def ready_workers(description: dict[str, Any]) -> int:
+    """READY workers in one model's management description."""
+    return sum(worker["status"] == "READY" for worker in description["workers"])
 
 
 def handler_for(health: Health) -> type[BaseHTTPRequestHandler]:

@@ -16,12 +16,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 import requests
 
 from handlers.health import DEFAULT_BIND as DEFAULT_HEALTH_BIND
-from handlers.health import requests_status
+from handlers.health import model_names, ready_workers, requests_status
 from handlers.resources import THREADS_ENV, WORKERS_ENV, ServingPlan, plan_from_environment
 from handlers.tokens import KeyRing, Kind, read_key_file
 
@@ -196,10 +197,13 @@ class TorchServe:
                                  timeout=timeout)
             response.raise_for_status()
 
-    def models(self) -> list[str]:
-        response = self.call("management", "GET", f"{self.management_url}/models", params={"limit": 1000}, timeout=10)
+    def _management_json(self, path: str, **params: Any) -> Any:
+        response = self.call("management", "GET", f"{self.management_url}{path}", params=params, timeout=10)
         response.raise_for_status()
-        return [model["modelName"] for model in response.json()["models"]]
+        return response.json()
+
+    def models(self) -> list[str]:
+        return model_names(self._management_json)
 
     def _wait_ready(self, models: list[str], deadline: float) -> None:
         pending = ["ping", *models]
@@ -221,12 +225,10 @@ class TorchServe:
                 time.sleep(0.5)
 
     def describe(self, model: str) -> dict:
-        response = self.call("management", "GET", f"{self.management_url}/models/{model}", timeout=10)
-        response.raise_for_status()
-        return response.json()[0]
+        return self._management_json(f"/models/{model}")[0]
 
     def ready_workers(self, model: str) -> int:
-        return sum(worker["status"] == "READY" for worker in self.describe(model)["workers"])
+        return ready_workers(self.describe(model))
 
     def processes(self) -> list[psutil.Process]:
         """The frontend and every process it started (the Python workers)."""

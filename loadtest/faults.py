@@ -11,14 +11,12 @@ requests failed (Locust's own history).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import signal
 import tempfile
 import threading
 import time
-import zipfile
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -30,6 +28,7 @@ import yaml
 
 from handlers.server import REPO_ROOT, TorchServe, free_port_overrides
 from handlers.tokens import bearer
+from loadtest.archive import read_archive, rewrite
 from loadtest.entries import request_entry
 from loadtest.images import test_images
 from loadtest.locust_csv import read_rows, run_stats
@@ -45,17 +44,10 @@ def with_response_timeout(archive: Path, store: Path, seconds: int) -> Path:
 
     The shipped archives wait 60 s for a batch; a hang test should not have to.
     """
-    store.mkdir(parents=True, exist_ok=True)
-    copy = store / archive.name
-    with zipfile.ZipFile(archive) as source, zipfile.ZipFile(copy, "w", zipfile.ZIP_DEFLATED) as target:
-        manifest = json.loads(source.read("MAR-INF/MANIFEST.json"))
-        config_name = manifest["model"]["configFile"]
-        for item in source.infolist():
-            data = source.read(item)
-            if item.filename == config_name:
-                data = yaml.safe_dump(yaml.safe_load(data) | {"responseTimeout": seconds}, sort_keys=False).encode()
-            target.writestr(item, data)
-    return copy
+    def longer(config: bytes) -> bytes:
+        return yaml.safe_dump(yaml.safe_load(config) | {"responseTimeout": seconds}, sort_keys=False).encode()
+
+    return rewrite(archive, store / archive.name, {read_archive(archive).config_file: longer})
 
 
 def ready_pids(server: TorchServe, model: str) -> list[int]:
@@ -71,9 +63,14 @@ def answers(server: TorchServe, model: str, image: bytes, label: str) -> bool:
     return response.status_code == 200 and response.json()["label"] == label
 
 
-def gone(pid: int) -> bool:
+def gone(process: psutil.Process | int) -> bool:
+    """Exited (a zombie has exited too: it only waits for its parent to collect the status).
+
+    Pass the Process object where you have one: it also tells a reused pid from the original process.
+    """
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        process = process if isinstance(process, psutil.Process) else psutil.Process(process)
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
 

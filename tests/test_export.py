@@ -87,6 +87,10 @@ def refused_export(argv: list[str], store: Path, match: str) -> None:
     assert not staging_dirs(store)
 
 
+def run_report(root: Path) -> dict[str, Any]:
+    return json.loads((root / "report" / "export.json").read_text())
+
+
 def sidecar(root: Path, variant: str) -> dict[str, Any]:
     return json.loads((root / "export" / artifact_name(variant)).with_suffix(".json").read_text())
 
@@ -220,6 +224,7 @@ def test_fp32_artifact_that_differs_is_refused(data_root: Path, previous_store: 
     monkeypatch.setattr(exporter, "export_torchscript", shifted)
     argv = export_argv(data_root, tmp_path, "--variants", "torchscript", "--default-variant", "torchscript")
     refused_export(argv, previous_store, r"torchscript: max \|logit diff\| \S+ exceeds 0\.0001")
+    assert run_report(tmp_path)["floor"] is None  # refused on the verified images, without the full-test-set pass
 
 
 def test_int8_artifact_that_loses_accuracy_is_refused(data_root: Path, previous_store: Path, tmp_path: Path,
@@ -232,6 +237,7 @@ def test_int8_artifact_that_loses_accuracy_is_refused(data_root: Path, previous_
     refused_export(argv, previous_store, r"onnx_int8_static: accuracy .* points below the checkpoint")
     assert sidecar(tmp_path, "onnx_int8_static")["verification"]["accepted"] is False
     assert not (tmp_path / "export" / artifact_name("onnx")).exists()  # fp32 ONNX was only an intermediate
+    assert run_report(tmp_path)["floor"] is None
 
 
 def test_corrupt_checkpoint_is_refused_by_the_accuracy_floor(data_root: Path, previous_store: Path,
@@ -243,10 +249,9 @@ def test_corrupt_checkpoint_is_refused_by_the_accuracy_floor(data_root: Path, pr
         weight[: weight.shape[0] // 2] = 0
     corrupt = tmp_path / "corrupt.pt"
     save_checkpoint(corrupt, model, metadata)
-    argv = export_argv(data_root, tmp_path, "--variants", "torchscript", "--default-variant", "torchscript",
-                       checkpoint=corrupt)
+    argv = export_argv(data_root, tmp_path, "--variants", "onnx", "--default-variant", "onnx", checkpoint=corrupt)
     refused_export(argv, previous_store, r"accuracy floor: fp32 accuracy .* differs from the 93\.48% recorded")
-    assert sidecar(tmp_path, "torchscript")["verification"]["accepted"] is True  # the export itself was faithful
+    assert sidecar(tmp_path, "onnx")["verification"]["accepted"] is True  # the export itself was faithful
 
 
 @pytest.mark.parametrize(("measured", "refused"), [(0.9348, False), (0.9358, False), (0.9338, False),

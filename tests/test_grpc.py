@@ -25,6 +25,7 @@ import yaml
 from handlers import grpc_stubs
 from handlers.grpc_client import PredictionError, TorchServeGrpc
 from handlers.server import REPO_ROOT, TorchServe
+from loadtest.faults import gone
 from handlers.tokens import bearer
 from tests.conftest import ports_for
 
@@ -53,14 +54,6 @@ def eventually(condition: Callable[[], bool], timeout: float = 60.0) -> bool:
 
 def ready_pids(client: TorchServeGrpc, model: str) -> list[int]:
     return [worker["pid"] for worker in client.describe(model)[0]["workers"] if worker["status"] == "READY"]
-
-
-def gone(process: psutil.Process) -> bool:
-    """Exited (a zombie has exited too: it only waits for its parent to collect the status)."""
-    try:
-        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def status_of(call: Callable[[], object]) -> grpc.RpcError:

@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import psutil
@@ -19,7 +18,7 @@ import pytest
 
 from handlers.server import TorchServe
 from loadtest.affinity import placement
-from loadtest.archive import read_archive
+from loadtest.archive import read_archive, rewrite
 from loadtest.ceiling import images_per_second
 from loadtest.check import accuracy_floor, answer_error, correct_labels
 from loadtest.cpu_usage import CpuMeter
@@ -48,15 +47,11 @@ def csv_row(prefix: Path, request_type: str) -> dict[str, str]:
 def rotate_classes(source: Path, target: Path) -> None:
     """A copy of the archive whose class list is rotated by one: the same model and well-formed answers
     (a CIFAR-10 label, 10 probabilities summing to 1), but the label of every class is its neighbour's."""
-    sidecar = str(Path(read_archive(source).serialized_file).with_suffix(".json"))
-    with zipfile.ZipFile(source) as original, zipfile.ZipFile(target, "w") as copy:
-        for item in original.infolist():
-            data = original.read(item)
-            if item.filename == sidecar:
-                metadata = json.loads(data)
-                metadata["classes"] = metadata["classes"][1:] + metadata["classes"][:1]
-                data = json.dumps(metadata).encode()
-            copy.writestr(item, data)
+    def rotated(data: bytes) -> bytes:
+        metadata = json.loads(data)
+        return json.dumps(metadata | {"classes": metadata["classes"][1:] + metadata["classes"][:1]}).encode()
+
+    rewrite(source, target, {read_archive(source).metadata_file: rotated})
 
 
 @pytest.fixture(scope="module")
