@@ -1,13 +1,15 @@
 """``python -m loadtest [options]``: one load test. Subcommands: ``sweep`` (the benchmark sweep),
 ``report docs/benchmarks.json ...`` (render a sweep's report again from its JSON), ``faults`` (worker
-faults under load), ``soak`` (the memory soak), ``peers`` (TorchServe against peer servers)."""
+faults under load), ``soak`` (the memory soak), ``peers`` (TorchServe against peer servers),
+``first-run`` (fresh clone to first prediction, timed)."""
 from __future__ import annotations
 
 import importlib
 import sys
 
 SUBCOMMANDS = {"sweep": "loadtest.sweep", "report": "loadtest.report", "faults": "loadtest.faults",
-               "soak": "loadtest.soak", "peers": "loadtest.peers.bench"}
+               "soak": "loadtest.soak", "peers": "loadtest.peers.bench",
+               "first-run": "loadtest.first_run"}
 
 
 def main(argv: list[str]) -> int:
