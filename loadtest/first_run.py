@@ -70,8 +70,11 @@ def first_prediction(clone: Path, data_dir: str) -> dict[str, Any]:
 
 def measure(repo: Path, data_dir: str, workdir: Path, log: Path) -> dict[str, Any]:
     clone = workdir / "clone"
-    env = os.environ | {"CIFAR10_ROOT": str(Path(data_dir).resolve())}
-    env.pop("VIRTUAL_ENV", None)
+    # As a newcomer's shell would be: no active venv, and no variables of an enclosing `make first-run`
+    # (MAKEFLAGS carries its command-line CIFAR10_ROOT, relative to this checkout, into every make below).
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("VIRTUAL_ENV", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    env["CIFAR10_ROOT"] = str(Path(data_dir).resolve())
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     seconds: dict[str, float] = {}
     started = time.perf_counter()
