@@ -26,15 +26,15 @@ import psutil
 import requests
 import yaml
 
-from handlers.server import REPO_ROOT, TorchServe, free_port_overrides
+from handlers.server import TorchServe, free_port_overrides
 from handlers.tokens import bearer
 from loadtest.archive import read_archive, rewrite
 from loadtest.entries import request_entry
 from loadtest.images import test_images
 from loadtest.locust_csv import read_rows, run_stats
 from loadtest.report import machine, write_json
-from loadtest.run import LoadSpec, run_locust, warm_up
-from training.data import CIFAR10, default_data_dir
+from loadtest.run import LoadSpec, add_own_server_options, run_locust, warm_up
+from training.data import CIFAR10
 
 FAULTS = ("kill", "hang")
 
@@ -148,24 +148,19 @@ def markdown(report: dict[str, Any]) -> str:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m loadtest faults", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-store", type=Path, default=REPO_ROOT / "model_store")
-    parser.add_argument("--model", default="cifar10")
-    parser.add_argument("--users", type=int, default=8)
+    add_own_server_options(parser, port_base=18400, report_name="faults")
     parser.add_argument("--run-time", type=int, default=120, help="seconds of Locust load (default: 120)")
     parser.add_argument("--kill-at", type=float, default=25.0, help="seconds into the load (default: 25)")
     parser.add_argument("--hang-at", type=float, default=70.0, help="seconds into the load (default: 70)")
     parser.add_argument("--response-timeout", type=int, default=10, help="the copy's responseTimeout (default: 10)")
     parser.add_argument("--recovery-timeout", type=float, default=120.0)
-    parser.add_argument("--port-base", type=int, default=18400, help="ports PORT_BASE..+4 (default: 18400)")
-    parser.add_argument("--data-dir", default=default_data_dir())
-    parser.add_argument("--report-dir", type=Path, default=REPO_ROOT / "build" / "faults")
     return parser
 
 
 def main(argv: list[str]) -> int:
     args = get_args_parser().parse_args(argv)
     command = "python -m loadtest faults " + " ".join(argv)
-    other_load = psutil.cpu_percent(interval=2.0)
+    host, other_load = machine(), psutil.cpu_percent(interval=2.0)
     pngs, classes = test_images(args.data_dir, 1)
     probe = (pngs[0], classes[CIFAR10(args.data_dir, train=False).targets[0]])  # a cat, and every variant says so
     with tempfile.TemporaryDirectory(prefix="faults-") as scratch:
@@ -175,9 +170,8 @@ def main(argv: list[str]) -> int:
                             overrides=free_port_overrides(args.port_base) | {"load_models": "all"})
         server.start(wait_for=[args.model])
         try:
-            spec = LoadSpec(host=server.inference_url, management=server.management_url,
-                            grpc_target=server.grpc_inference_target, key_file=server.workdir / "key_file.json",
-                            model=args.model, users=args.users, run_time_s=args.run_time, data_dir=args.data_dir)
+            spec = LoadSpec.against(server, args.model, users=args.users, run_time_s=args.run_time,
+                                    data_dir=args.data_dir)
             warm_up(spec, server.key_ring)
             output = Path(scratch) / "locust"
             output.mkdir()
@@ -196,7 +190,7 @@ def main(argv: list[str]) -> int:
         entry = request_entry("rest", args.model)
         report = {
             "date": datetime.now().astimezone().isoformat(timespec="seconds"), "command": command,
-            "machine": machine(), "other_cpu_percent": other_load, "model": args.model, "batch_size": batch_size,
+            "machine": host, "other_cpu_percent": other_load, "model": args.model, "batch_size": batch_size,
             "users": args.users, "run_time_s": args.run_time, "response_timeout_s": args.response_timeout,
             "run": run_stats(locust.prefix, *entry, args.model),
             "faults": [asdict(r) | {"seconds": r.seconds,

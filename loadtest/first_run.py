@@ -63,9 +63,8 @@ def first_prediction(clone: Path, data_dir: str) -> dict[str, Any]:
     key = read_key_file(clone / "key_file.json")["inference"]
     response = requests.post(PREDICTION_URL, data=images[0], timeout=60,
                              headers=bearer(key) | {"Content-Type": "image/png"})
-    label = response.json().get("label") if response.ok else None
-    return {"status": response.status_code, "label": label, "true_label": true_labels(data_dir, 1)[0],
-            "correct": label == true_labels(data_dir, 1)[0]}
+    label, truth = response.json().get("label") if response.ok else None, true_labels(data_dir, 1)[0]
+    return {"status": response.status_code, "label": label, "true_label": truth, "correct": label == truth}
 
 
 def measure(repo: Path, data_dir: str, workdir: Path, log: Path) -> dict[str, Any]:

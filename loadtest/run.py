@@ -25,7 +25,7 @@ from typing import Any
 
 import requests
 
-from handlers.server import REPO_ROOT, SHIPPED_CONFIG, parse_properties
+from handlers.server import REPO_ROOT, SHIPPED_CONFIG, TorchServe, parse_properties
 from handlers.tokens import KeyRing
 from loadtest.affinity import format_cpus, parse_cpus, preexec
 from loadtest.archive import read_archive
@@ -62,6 +62,12 @@ class LoadSpec:
     data_dir: str = default_data_dir()
     image_pool: int = 256
 
+    @classmethod
+    def against(cls, server: TorchServe, model: str, **load: Any) -> LoadSpec:
+        """Load on a TorchServe this process started: its addresses and its key file."""
+        return cls(host=server.inference_url, management=server.management_url,
+                   grpc_target=server.grpc_inference_target, key_file=server.key_file, model=model, **load)
+
     def __post_init__(self) -> None:
         if not 1 <= self.users <= MAX_USERS:
             raise ValueError(f"users must be 1..{MAX_USERS}, got {self.users}")
@@ -69,6 +75,17 @@ class LoadSpec:
             raise ValueError(f"run time must be 1..{MAX_RUN_TIME_S} s, got {self.run_time_s}")
         if self.protocol == "grpc" and self.images_per_request != 1:
             raise ValueError("gRPC requests carry one image: --images-per-request 1")
+
+
+def add_own_server_options(parser: argparse.ArgumentParser, port_base: int, report_name: str) -> None:
+    """The options of a run that starts a TorchServe of its own (faults, soak): what it serves, on which
+    ports, under how many Locust users, and where its report goes."""
+    parser.add_argument("--model-store", type=Path, default=REPO_ROOT / "model_store")
+    parser.add_argument("--model", default="cifar10")
+    parser.add_argument("--users", type=int, default=8)
+    parser.add_argument("--port-base", type=int, default=port_base, help=f"ports PORT_BASE..+4 (default: {port_base})")
+    parser.add_argument("--data-dir", default=default_data_dir())
+    parser.add_argument("--report-dir", type=Path, default=REPO_ROOT / "build" / report_name)
 
 
 def free_port() -> int:

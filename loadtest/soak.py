@@ -22,13 +22,12 @@ from typing import Any
 import numpy as np
 import psutil
 
-from handlers.server import REPO_ROOT, TorchServe, free_port_overrides
+from handlers.server import TorchServe, free_port_overrides
 from loadtest.cpu_usage import CpuMeter
 from loadtest.entries import request_entry
 from loadtest.locust_csv import history, run_stats
 from loadtest.report import machine, machine_line, write_json
-from loadtest.run import LoadSpec, run_locust, warm_up
-from training.data import default_data_dir
+from loadtest.run import LoadSpec, add_own_server_options, run_locust, warm_up
 
 MIB = 2**20
 TARGET_GROWTH = 0.05
@@ -125,33 +124,26 @@ def markdown(report: dict[str, Any]) -> str:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m loadtest soak", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-store", type=Path, default=REPO_ROOT / "model_store")
-    parser.add_argument("--model", default="cifar10")
-    parser.add_argument("--users", type=int, default=8)
+    add_own_server_options(parser, port_base=18410, report_name="soak")
     parser.add_argument("--minutes", type=float, default=10.0, help="minutes of steady load (default: 10)")
     # The frontend's JVM sized its heap for ~5 minutes of the first 10-minute soak before its RSS went flat.
     parser.add_argument("--warm-up", type=float, default=300.0, help="seconds not counted in the growth (default: 300)")
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between RSS samples (default: 5)")
-    parser.add_argument("--port-base", type=int, default=18410, help="ports PORT_BASE..+4 (default: 18410)")
-    parser.add_argument("--data-dir", default=default_data_dir())
-    parser.add_argument("--report-dir", type=Path, default=REPO_ROOT / "build" / "soak")
     return parser
 
 
 def main(argv: list[str]) -> int:
     args = get_args_parser().parse_args(argv)
     command = "python -m loadtest soak " + " ".join(argv)
-    other_load = psutil.cpu_percent(interval=2.0)
+    host, other_load = machine(), psutil.cpu_percent(interval=2.0)
     samples: list[RssSample] = []
     with tempfile.TemporaryDirectory(prefix="soak-") as scratch:
         server = TorchServe(workdir=Path(scratch), model_store=args.model_store,
                             overrides=free_port_overrides(args.port_base) | {"load_models": f"{args.model}.mar"})
         server.start(wait_for=[args.model])
         try:
-            spec = LoadSpec(host=server.inference_url, management=server.management_url,
-                            grpc_target=server.grpc_inference_target, key_file=server.workdir / "key_file.json",
-                            model=args.model, users=args.users, run_time_s=round(args.minutes * 60),
-                            data_dir=args.data_dir)
+            spec = LoadSpec.against(server, args.model, users=args.users, run_time_s=round(args.minutes * 60),
+                                    data_dir=args.data_dir)
             warm_up(spec, server.key_ring)
             output = Path(scratch) / "locust"
             output.mkdir()
@@ -170,7 +162,7 @@ def main(argv: list[str]) -> int:
         counts = history(prefix, *entry)
         report = {
             "date": datetime.now().astimezone().isoformat(timespec="seconds"), "command": command,
-            "machine": machine(), "other_cpu_percent_before": other_load,
+            "machine": host, "other_cpu_percent_before": other_load,
             "cpu_cores": meter.cores(counts[0]["t"], counts[-1]["t"]),
             "model": args.model, "users": args.users, "minutes": args.minutes, "warm_up_s": args.warm_up,
             "interval_s": args.interval, "run": run_stats(prefix, *entry, args.model),

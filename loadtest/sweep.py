@@ -87,11 +87,9 @@ def load_window(csv_prefix: Path, model: str) -> tuple[float, float]:
 
 def load_spec(server: TorchServe, args: argparse.Namespace, name: str, images_per_request: int, seconds: int,
               locust_cpus: set[int] | None) -> LoadSpec:
-    return LoadSpec(host=server.inference_url, management=server.management_url,
-                    grpc_target=server.grpc_inference_target, key_file=server.workdir / "key_file.json",
-                    model=name, images_per_request=images_per_request, users=args.users,
-                    spawn_rate=args.spawn_rate, run_time_s=seconds, locust_cpus=locust_cpus,
-                    data_dir=args.data_dir, image_pool=args.image_pool)
+    return LoadSpec.against(server, name, images_per_request=images_per_request, users=args.users,
+                            spawn_rate=args.spawn_rate, run_time_s=seconds, locust_cpus=locust_cpus,
+                            data_dir=args.data_dir, image_pool=args.image_pool)
 
 
 def warm_frontend(server: TorchServe, args: argparse.Namespace) -> None:

@@ -32,9 +32,7 @@ from training.model import CLASSES
 
 
 def spec_for(server: TorchServe, data_root: Path, **load: object) -> LoadSpec:
-    return LoadSpec(host=server.inference_url, management=server.management_url,
-                    grpc_target=server.grpc_inference_target, key_file=server.workdir / "key_file.json",
-                    model="cifar10", data_dir=str(data_root), image_pool=32, **load)
+    return LoadSpec.against(server, "cifar10", data_dir=str(data_root), image_pool=32, **load)
 
 
 def csv_row(prefix: Path, request_type: str) -> dict[str, str]:
