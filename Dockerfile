@@ -65,7 +65,10 @@ COPY export /src/export
 COPY handlers /src/handlers
 COPY loadtest /src/loadtest
 # The stack is in place already: no resolver, no build isolation (which would fetch setuptools again).
-RUN pip install --no-deps --no-build-isolation --no-cache-dir /src
+# The gRPC stubs are generated from the installed frontend jar here, once: at run time the venv is
+# read-only (and not the user's), so handlers.grpc_stubs finds them current instead of writing them.
+RUN pip install --no-deps --no-build-isolation --no-cache-dir /src \
+ && python -m handlers.grpc_stubs
 
 FROM python AS runtime
 # Java 17 for TorchServe's frontend; tini as PID 1 forwards signals to both processes and reaps.

@@ -8,11 +8,14 @@ throttles it to a few. The rule and the measurements behind it are in docs/SERVI
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+DEFAULT_MODEL = "cifar10"  # the archive `python -m export` packs as the default variant: the one clients call
 WORKERS_ENV = "CIFAR10_WORKERS"  # worker processes of the default model
 THREADS_ENV = "CIFAR10_WORKER_THREADS"  # intra-op threads of every worker; the handler reads it
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -77,6 +80,9 @@ class ServingPlan:
     other_workers: int
     threads: int
 
+    def workers_of(self, model: str) -> int:
+        return self.default_workers if model == DEFAULT_MODEL else self.other_workers
+
     def describe(self) -> str:
         return (f"{self.cores} core(s): default model {self.default_workers} worker(s) x {self.threads} thread(s), "
                 f"other models {self.other_workers} worker(s) x {self.threads} thread(s)")
@@ -111,3 +117,22 @@ def _positive_env(name: str) -> int | None:
 def plan_from_environment(workers: int | None = None, threads: int | None = None) -> ServingPlan:
     """The plan for this process's cores; explicit arguments win over CIFAR10_WORKERS / CIFAR10_WORKER_THREADS."""
     return plan(available_cores(), workers or _positive_env(WORKERS_ENV), threads or _positive_env(THREADS_ENV))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the plan as shell exports, so that an entrypoint hands the threads to TorchServe's workers
+    and the same numbers to handlers.scaler: ``plan="$(python -m handlers.resources)"; eval "$plan"``."""
+    argparse.ArgumentParser(prog="python -m handlers.resources",
+                            description="The serve-time plan for this process's cores, as shell exports.").parse_args(argv)
+    try:
+        chosen = plan_from_environment()
+    except ValueError as error:
+        print(error, file=sys.stderr)
+        return 2
+    print(f"Workers: {chosen.describe()}.", file=sys.stderr)
+    print(f"export {WORKERS_ENV}={chosen.default_workers} {THREADS_ENV}={chosen.threads}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

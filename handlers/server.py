@@ -23,12 +23,14 @@ import requests
 
 from handlers.health import DEFAULT_BIND as DEFAULT_HEALTH_BIND
 from handlers.health import model_names, ready_workers, requests_status
-from handlers.resources import THREADS_ENV, WORKERS_ENV, ServingPlan, plan_from_environment
+from handlers.resources import DEFAULT_MODEL, THREADS_ENV, WORKERS_ENV, ServingPlan, plan_from_environment
+from handlers.scaler import scale_to_plan
 from handlers.tokens import KeyRing, Kind, read_key_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHIPPED_CONFIG = REPO_ROOT / "config.properties"
-DEFAULT_MODEL = "cifar10"  # the archive `python -m export` packs as the default variant: the one clients call
+# The config this installation serves with: the checkout's config.properties, or in the container image
+# (where the project is installed into a venv, without the checkout) the effective one it names in TS_CONFIG.
+SHIPPED_CONFIG = Path(os.environ.get("TS_CONFIG") or REPO_ROOT / "config.properties")
 LOG_CONFIG_FLAG = "-Dlog4j.configurationFile="
 HEALTH_PID_FILE = "health.pid"
 
@@ -188,14 +190,8 @@ class TorchServe:
         return self
 
     def apply_plan(self, plan: ServingPlan, timeout: float) -> None:
-        """Scale every loaded model to its planned workers (TorchServe's scale-workers API, allowed with
-        the model API off); the archives' model-config.yaml only sets how many start first."""
-        for model in self.models():
-            workers = plan.default_workers if model == DEFAULT_MODEL else plan.other_workers
-            response = self.call("management", "PUT", f"{self.management_url}/models/{model}",
-                                 params={"min_worker": workers, "max_worker": workers, "synchronous": "true"},
-                                 timeout=timeout)
-            response.raise_for_status()
+        """Scale every loaded model to its planned workers (handlers.scaler)."""
+        scale_to_plan(self.key_ring, self.management_url, plan, timeout)
 
     def _management_json(self, path: str, **params: Any) -> Any:
         response = self.call("management", "GET", f"{self.management_url}{path}", params=params, timeout=10)

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from handlers.health import Health, handler_for
+from handlers.resources import plan
 from handlers.server import REPO_ROOT, parse_properties
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
@@ -194,6 +195,15 @@ def test_gpu_variant_differs_only_in_gpu_scheduling(manifests: dict[str, list[di
     gpu_container.pop("env")
     assert gpu["spec"]["template"]["spec"].pop("tolerations")[0]["key"] == "nvidia.com/gpu"
     assert gpu == cpu
+
+
+def test_pod_reserves_the_cores_its_workers_are_planned_from(manifests: dict[str, list[dict]]) -> None:
+    """The entrypoint plans one cifar10 worker per core of the CPU limit; a request below the limit would
+    let the scheduler place those workers on fewer cores than they were planned for."""
+    resources = find(manifests, "torchserve.yaml", "Deployment")["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources["requests"]["cpu"] == resources["limits"]["cpu"]
+    assert plan(int(resources["limits"]["cpu"])).default_workers == int(resources["limits"]["cpu"])
+    assert resources["requests"]["memory"] == resources["limits"]["memory"]
 
 
 def test_service_routes_to_named_container_ports(manifests: dict[str, list[dict]]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -81,7 +82,7 @@ class Container:
 
 
 @pytest.fixture(scope="module")
-def container(tmp_path_factory: pytest.TempPathFactory) -> Container:
+def container(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Container:
     workdir = tmp_path_factory.mktemp("image-workdir")
     uid, gid = docker("image", "inspect", "-f", "{{.Config.User}}", IMAGE).stdout.strip().split(":")
     try:
@@ -93,7 +94,7 @@ def container(tmp_path_factory: pytest.TempPathFactory) -> Container:
     started = time.monotonic()
     docker("run", "--detach", "--name", name, "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
            "--security-opt", "no-new-privileges", "--memory", manifest_memory_limit(),
-           "--volume", f"{workdir}:{WORKDIR}", *publish, IMAGE)
+           "--volume", f"{workdir}:{WORKDIR}", "--volume", f"{data_root.resolve()}:/data:ro", *publish, IMAGE)
     box = Container(name, workdir)
     try:
         while (status := box.health()) != "healthy":
@@ -166,6 +167,35 @@ def test_management_api_listens_on_the_containers_loopback_only(container: Conta
     own_address = container.exec("python", "-c", "import socket; print(socket.gethostbyname(socket.gethostname()))")
     assert container.exec("python", "-c", probe, "127.0.0.1").stdout.strip() == "0"
     assert container.exec("python", "-c", probe, own_address.stdout.strip()).stdout.strip() != "0"
+
+
+def test_workers_and_threads_follow_the_containers_cores(container: Container) -> None:
+    """The entrypoint applies the serve-time plan (handlers.scaler): one single-threaded cifar10 worker per
+    core the container is given, one for every other model; the archives alone would start 1 x 1."""
+    cores = int(container.exec("python", "-c", "from handlers.resources import available_cores; "
+                               "print(available_cores())").stdout)
+    describe = ("import json; from handlers.tokens import KeyRing; ring = KeyRing('key_file.json'); "
+                "print(json.dumps({m: len([w for w in ring.request('management', 'GET', "
+                "f'http://127.0.0.1:8081/models/{m}', timeout=10).json()[0]['workers'] if w['status'] == 'READY']) "
+                "for m in ('cifar10', 'cifar10_onnx')}))")
+    deadline = time.monotonic() + 120
+    while (ready := json.loads(container.exec("python", "-c", describe).stdout or "{}")) != {
+            "cifar10": cores, "cifar10_onnx": 1} and time.monotonic() < deadline:
+        time.sleep(2)
+    assert ready == {"cifar10": cores, "cifar10_onnx": 1}
+    threads = re.findall(r"W-\d+-cifar10_1\.0-stdout MODEL_LOG - loaded \S+ \(\S+\) on cpu with (\d+) thread",
+                         (container.workdir / "logs" / "model_log.log").read_text())
+    assert threads == ["1"] * cores
+
+
+def test_the_projects_tools_run_inside_the_image(container: Container) -> None:
+    """What Locust pods and an operator's `kubectl exec` run: the load test from the read-only venv, against
+    the container's own TorchServe over gRPC (stubs made at build time) with the image's config's addresses."""
+    result = container.exec("python", "-m", "loadtest", "--protocol", "grpc", "--key-file", f"{WORKDIR}/key_file.json",
+                            "--data-dir", "/data", "--users", "4", "--run-time", "5", "--output-dir", f"{WORKDIR}/load")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    summary = json.loads((container.workdir / "load" / "summary.json").read_text())
+    assert summary["failures"] == 0 and summary["answered"] > 0
 
 
 def test_metrics_carry_the_autoscalers_counter(container: Container) -> None:

@@ -1,7 +1,10 @@
 """Workers x threads from the cores the server is given: cgroup quotas (v1 and v2), the rule, its overrides."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ from hypothesis import given, strategies as st
 from handlers import resources
 from handlers.resources import (THREADS_ENV, WORKERS_ENV, ServingPlan, available_cores, cgroup_quota_cores, plan,
                                 plan_from_environment)
-from handlers.server import TorchServe
+from handlers.server import REPO_ROOT, TorchServe
 from handlers.tokens import bearer
 from tests.conftest import ports_for
 
@@ -91,6 +94,40 @@ def test_the_handler_reads_the_threads_the_server_sets() -> None:
     assert HANDLER_THREADS_ENV == THREADS_ENV
 
 
+ENTRYPOINT_PLAN = 'set -eu; plan="$(python -m handlers.resources)"; eval "$plan"; echo "$CIFAR10_WORKERS $CIFAR10_WORKER_THREADS"'
+
+
+def run_module(command: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k not in (WORKERS_ENV, THREADS_ENV)} | env
+    environment["PATH"] = f"{Path(sys.executable).parent}:{environment['PATH']}"
+    return subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(("env", "exported"), [({}, None), ({WORKERS_ENV: "3"}, "3 1"), ({THREADS_ENV: "2"}, None)])
+def test_the_entrypoint_exports_the_plan_for_the_shell(env: dict[str, str], exported: str | None) -> None:
+    """The container's entrypoint turns the plan into the environment TorchServe hands to its workers."""
+    chosen = plan_from_environment(int(env.get(WORKERS_ENV, 0)) or None, int(env.get(THREADS_ENV, 0)) or None)
+    result = run_module(["sh", "-c", ENTRYPOINT_PLAN], env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == (exported or f"{chosen.default_workers} {chosen.threads}")
+    assert chosen.describe() in result.stderr
+
+
+def test_the_entrypoint_stops_on_a_bad_override() -> None:
+    result = run_module(["sh", "-c", ENTRYPOINT_PLAN], {WORKERS_ENV: "two"})
+    assert result.returncode != 0 and result.stdout == ""
+    assert f"{WORKERS_ENV} must be a positive integer, got 'two'" in result.stderr
+
+
+def test_the_scaler_gives_up_when_no_server_answers(tmp_path: Path) -> None:
+    config = tmp_path / "config.properties"
+    config.write_text(f"management_address=http://127.0.0.1:{ports_for(18160)['grpc_management_port']}\n")
+    result = run_module([sys.executable, "-m", "handlers.scaler", "--workdir", str(tmp_path), "--config",
+                         str(config), "--timeout", "2"], {})
+    assert result.returncode == 1
+    assert "workers not scaled, each model keeps its archive's" in result.stderr
+
+
 @pytest.mark.slow
 def test_a_server_started_with_a_plan_runs_its_workers_and_threads(model_store: Path, tmp_path: Path,
                                                                   test_images: list[tuple[bytes, int]]) -> None:
@@ -107,3 +144,8 @@ def test_a_server_started_with_a_plan_runs_its_workers_and_threads(model_store: 
         response = requests.post(f"{server.inference_url}/predictions/cifar10", data=image, timeout=60,
                                  headers=bearer(server.keys["inference"]) | {"Content-Type": "image/png"})
         assert response.status_code == 200 and response.json()["label"] == "cat"
+        # The container's way: handlers.scaler beside a running server, with the entrypoint's exports.
+        scaled = run_module([sys.executable, "-m", "handlers.scaler", "--workdir", str(tmp_path), "--config",
+                             str(server.effective_config), "--timeout", "60"], {WORKERS_ENV: "3", THREADS_ENV: "1"})
+        assert scaled.returncode == 0, scaled.stderr
+        assert "cifar10 3" in scaled.stderr and server.ready_workers("cifar10") == 3

@@ -1,0 +1,87 @@
+"""Scales a running TorchServe's models to the serve-time worker plan (handlers.resources).
+
+An archive's model-config.yaml only says how many workers start first (1). ``python -m
+handlers.server start`` scales them to the plan once its models are loaded. The container's
+entrypoint starts TorchServe itself (``exec``, so that tini signals it directly), so there this runs
+beside it: it waits until the management API lists the models, scales each one to its planned
+workers through the scale-workers API (allowed with the model API off), says so and exits.
+
+    python -m handlers.scaler --workdir /var/lib/torchserve --config /app/config.effective.properties
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from handlers.health import model_names
+from handlers.resources import ServingPlan, plan_from_environment
+from handlers.tokens import KeyRing
+
+
+def scale_to_plan(keys: KeyRing, management_url: str, plan: ServingPlan, timeout: float) -> dict[str, int]:
+    """Scale every registered model to its planned workers and wait until they run; workers per model."""
+    def get(path: str, **params: Any) -> Any:
+        response = keys.request("management", "GET", f"{management_url}{path}", params=params, timeout=timeout)
+        response.raise_for_status()
+        return response.json()
+
+    scaled = {}
+    for model in model_names(get):
+        workers = plan.workers_of(model)
+        response = keys.request("management", "PUT", f"{management_url}/models/{model}", timeout=timeout,
+                                params={"min_worker": workers, "max_worker": workers, "synchronous": "true"})
+        response.raise_for_status()
+        scaled[model] = workers
+    return scaled
+
+
+def wait_and_scale(workdir: Path, management_url: str, plan: ServingPlan, timeout: float,
+                   poll: float = 1.0) -> dict[str, int]:
+    """Scale once the key file exists and the management API lists at least one model.
+
+    TorchServe registers every model of ``load_models`` before it opens its addresses, so the first
+    non-empty list is the whole set.
+    """
+    deadline = time.monotonic() + timeout
+    keys: KeyRing | None = None
+    while True:
+        try:
+            keys = keys or KeyRing(workdir / "key_file.json", management_url)
+            scaled = scale_to_plan(keys, management_url, plan, timeout=max(1.0, deadline - time.monotonic()))
+            if scaled:
+                return scaled
+        except (OSError, ValueError, KeyError, requests.RequestException):
+            pass  # not started yet: no key file, nothing listening, or a worker still loading
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"TorchServe's management API at {management_url} listed no model in {timeout:.0f} s")
+        time.sleep(poll)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from handlers.server import SHIPPED_CONFIG, parse_properties
+
+    parser = argparse.ArgumentParser(prog="python -m handlers.scaler", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=Path.cwd(), help="TorchServe's start directory (key_file.json)")
+    parser.add_argument("--config", type=Path, default=SHIPPED_CONFIG,
+                        help="TorchServe's config.properties, for its management address (default: the shipped one)")
+    parser.add_argument("--timeout", type=float, default=600, help="give up after this many seconds (default: 600)")
+    args = parser.parse_args(argv)
+    plan = plan_from_environment()
+    management_url = parse_properties(args.config.read_text())["management_address"].rstrip("/")
+    try:
+        scaled = wait_and_scale(args.workdir, management_url, plan, args.timeout)
+    except (TimeoutError, requests.RequestException) as error:
+        print(f"workers not scaled, each model keeps its archive's: {error}", file=sys.stderr, flush=True)
+        return 1
+    print(f"workers scaled to the plan for {plan.describe()}: "
+          + ", ".join(f"{model} {workers}" for model, workers in scaled.items()), file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
