@@ -4,7 +4,9 @@ Decided when the server starts, not when the archives are packed: the same archi
 2-core laptop and on a 16-core node. "The cores it is given" is the smaller of the CPU affinity
 mask (taskset, cpusets) and the CFS quota of its cgroup (``docker --cpus``, a Kubernetes CPU
 limit), because a container sees every core of the host in its affinity mask while its quota
-throttles it to a few. The rule and the measurements behind it are in docs/SERVING.md.
+throttles it to a few. Without a CPU limit a container sees every core of a large host, so the
+default model's workers are also capped by the cgroup's memory limit, if there is one. The rule and
+the measurements behind it are in docs/SERVING.md.
 """
 from __future__ import annotations
 
@@ -19,6 +21,11 @@ DEFAULT_MODEL = "cifar10"  # the archive `python -m export` packs as the default
 WORKERS_ENV = "CIFAR10_WORKERS"  # worker processes of the default model
 THREADS_ENV = "CIFAR10_WORKER_THREADS"  # intra-op threads of every worker; the handler reads it
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+GIB = 1 << 30
+# Measured in the image (docs/DEPLOY.md): the JVM with one worker for each of the five archives used
+# 2.43 GiB, each further static INT8 cifar10 worker ~0.41 GiB; rounded up for traffic.
+BASE_MEMORY = int(2.5 * GIB)
+WORKER_MEMORY = GIB // 2
 
 
 def cgroup_quota_cores(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = CGROUP_ROOT) -> float | None:
@@ -40,6 +47,41 @@ def cgroup_quota_cores(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path
             continue
         quotas += [quota for quota in map(_read_quota, files) if quota is not None]
     return min(quotas, default=None)
+
+
+def cgroup_memory_limit(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = CGROUP_ROOT) -> int | None:
+    """The memory limit in bytes of this process's cgroup and its ancestors (v2 ``memory.max``, v1
+    ``memory.limit_in_bytes``), the tightest one found; None when unlimited or unreadable."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            files = [directory / "memory.max" for directory in _ancestors(root, path)]
+        elif "memory" in controllers.split(","):
+            files = [directory / "memory.limit_in_bytes" for directory in _ancestors(root / "memory", path)]
+        else:
+            continue
+        limits += [limit for limit in map(_read_bytes, files) if limit is not None]
+    return min(limits, default=None)
+
+
+def _read_bytes(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if not text.isdigit() or int(text) >= 1 << 60:  # "max" (v2), or v1's page-rounded 2^63 for no limit
+        return None
+    return int(text)
+
+
+def workers_that_fit(memory_limit: int) -> int:
+    """How many default-model workers fit a memory limit beside everything else (at least 1)."""
+    return max(1, 1 + (memory_limit - BASE_MEMORY) // WORKER_MEMORY)
 
 
 def _ancestors(base: Path, path: str) -> list[Path]:
@@ -79,30 +121,38 @@ class ServingPlan:
     default_workers: int
     other_workers: int
     threads: int
+    memory_limit: int | None = None
 
     def workers_of(self, model: str) -> int:
         return self.default_workers if model == DEFAULT_MODEL else self.other_workers
 
     def describe(self) -> str:
-        return (f"{self.cores} core(s): default model {self.default_workers} worker(s) x {self.threads} thread(s), "
+        memory = f", {self.memory_limit / GIB:.1f} GiB memory limit" if self.memory_limit is not None else ""
+        return (f"{self.cores} core(s){memory}: default model {self.default_workers} worker(s) x {self.threads} thread(s), "
                 f"other models {self.other_workers} worker(s) x {self.threads} thread(s)")
 
 
-def plan(cores: int, workers: int | None = None, threads: int | None = None) -> ServingPlan:
+def plan(cores: int, workers: int | None = None, threads: int | None = None,
+         memory_limit: int | None = None) -> ServingPlan:
     """One single-threaded worker per core for the default model; workers x threads = cores when one is given.
 
     Processes rather than threads, because the per-request work around the model (TorchServe's
     Python worker loop, PNG decode, JSON) runs under one GIL per process: a second process fills
     the gaps of the first while it waits on the frontend, a second intra-op thread does not. The
     other models keep one worker each: idle, they sleep on their socket and cost memory, not CPU.
+    Under a memory limit the derived worker count is capped to what fits it: a container with no CPU
+    limit sees every core of a large host and would otherwise start more workers than its memory holds.
     """
     if workers is not None and workers < 1 or threads is not None and threads < 1:
         raise ValueError(f"workers and threads must be at least 1, got {workers} and {threads}")
     if workers is None:
         workers = max(1, cores // (threads or 1))
+        if memory_limit is not None:  # a chosen count is the operator's call; a derived one must fit
+            workers = min(workers, workers_that_fit(memory_limit))
     if threads is None:
         threads = max(1, cores // workers)
-    return ServingPlan(cores=cores, default_workers=workers, other_workers=1, threads=threads)
+    return ServingPlan(cores=cores, default_workers=workers, other_workers=1, threads=threads,
+                       memory_limit=memory_limit)
 
 
 def _positive_env(name: str) -> int | None:
@@ -116,7 +166,8 @@ def _positive_env(name: str) -> int | None:
 
 def plan_from_environment(workers: int | None = None, threads: int | None = None) -> ServingPlan:
     """The plan for this process's cores; explicit arguments win over CIFAR10_WORKERS / CIFAR10_WORKER_THREADS."""
-    return plan(available_cores(), workers or _positive_env(WORKERS_ENV), threads or _positive_env(THREADS_ENV))
+    return plan(available_cores(), workers or _positive_env(WORKERS_ENV), threads or _positive_env(THREADS_ENV),
+                cgroup_memory_limit())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,10 @@ from handlers.resources import ServingPlan, plan_from_environment
 from handlers.tokens import KeyRing
 
 
+class ScalingError(RuntimeError):
+    """TorchServe answered a scale request with anything but 200 (its workers did not all start)."""
+
+
 def scale_to_plan(keys: KeyRing, management_url: str, plan: ServingPlan, timeout: float) -> dict[str, int]:
     """Scale every registered model to its planned workers and wait until they run; workers per model."""
     def get(path: str, **params: Any) -> Any:
@@ -35,30 +39,36 @@ def scale_to_plan(keys: KeyRing, management_url: str, plan: ServingPlan, timeout
         workers = plan.workers_of(model)
         response = keys.request("management", "PUT", f"{management_url}/models/{model}", timeout=timeout,
                                 params={"min_worker": workers, "max_worker": workers, "synchronous": "true"})
-        response.raise_for_status()
+        if response.status_code != 200:  # 206 "scaling in progress" is not done either
+            raise ScalingError(f"scaling {model} to {workers} worker(s): HTTP {response.status_code} "
+                               f"{response.text.strip()[:300]}")
         scaled[model] = workers
     return scaled
 
 
 def wait_and_scale(workdir: Path, management_url: str, plan: ServingPlan, timeout: float,
-                   poll: float = 1.0) -> dict[str, int]:
-    """Scale once the key file exists and the management API lists at least one model.
+                   poll: float = 1.0, request_timeout: float = 120.0) -> dict[str, int]:
+    """Scale once the key file exists and the management API lists at least one model; retry until
+    ``timeout`` on any failure, then raise TimeoutError naming the last one.
 
     TorchServe registers every model of ``load_models`` before it opens its addresses, so the first
-    non-empty list is the whole set.
+    non-empty list is the whole set. Scaling again to the same count is a no-op, so a retry after a
+    partial failure is safe.
     """
     deadline = time.monotonic() + timeout
     keys: KeyRing | None = None
+    last = "the management API listed no model"
     while True:
         try:
             keys = keys or KeyRing(workdir / "key_file.json", management_url)
-            scaled = scale_to_plan(keys, management_url, plan, timeout=max(1.0, deadline - time.monotonic()))
+            remaining = max(1.0, min(request_timeout, deadline - time.monotonic()))
+            scaled = scale_to_plan(keys, management_url, plan, timeout=remaining)
             if scaled:
                 return scaled
-        except (OSError, ValueError, KeyError, requests.RequestException):
-            pass  # not started yet: no key file, nothing listening, or a worker still loading
+        except (OSError, ValueError, KeyError, requests.RequestException, ScalingError) as error:
+            last = f"{type(error).__name__}: {error}"  # not started yet (no key file, nothing listening) or refused
         if time.monotonic() > deadline:
-            raise TimeoutError(f"TorchServe's management API at {management_url} listed no model in {timeout:.0f} s")
+            raise TimeoutError(f"not done in {timeout:.0f} s; last: {last}")
         time.sleep(poll)
 
 
@@ -75,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     management_url = parse_properties(args.config.read_text())["management_address"].rstrip("/")
     try:
         scaled = wait_and_scale(args.workdir, management_url, plan, args.timeout)
-    except (TimeoutError, requests.RequestException) as error:
-        print(f"workers not scaled, each model keeps its archive's: {error}", file=sys.stderr, flush=True)
+    except TimeoutError as error:
+        print(f"workers not scaled to the plan (a model not scaled keeps its archive's count): {error}",
+              file=sys.stderr, flush=True)
         return 1
     print(f"workers scaled to the plan for {plan.describe()}: "
           + ", ".join(f"{model} {workers}" for model, workers in scaled.items()), file=sys.stderr, flush=True)

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from handlers.health import Health, handler_for
-from handlers.resources import plan
+from handlers.resources import GIB, plan
 from handlers.server import REPO_ROOT, parse_properties
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
@@ -198,11 +198,13 @@ def test_gpu_variant_differs_only_in_gpu_scheduling(manifests: dict[str, list[di
 
 
 def test_pod_reserves_the_cores_its_workers_are_planned_from(manifests: dict[str, list[dict]]) -> None:
-    """The entrypoint plans one cifar10 worker per core of the CPU limit; a request below the limit would
-    let the scheduler place those workers on fewer cores than they were planned for."""
+    """The entrypoint plans one cifar10 worker per core of the CPU limit, as many as the memory limit holds;
+    a request below the limit would let the scheduler place them on fewer cores than they were planned for."""
     resources = find(manifests, "torchserve.yaml", "Deployment")["spec"]["template"]["spec"]["containers"][0]["resources"]
     assert resources["requests"]["cpu"] == resources["limits"]["cpu"]
-    assert plan(int(resources["limits"]["cpu"])).default_workers == int(resources["limits"]["cpu"])
+    memory = int(resources["limits"]["memory"].removesuffix("Gi")) * GIB
+    cores = int(resources["limits"]["cpu"])
+    assert plan(cores, memory_limit=memory).default_workers == cores  # the memory limit holds them all
     assert resources["requests"]["memory"] == resources["limits"]["memory"]
 
 

@@ -171,9 +171,10 @@ def test_management_api_listens_on_the_containers_loopback_only(container: Conta
 
 def test_workers_and_threads_follow_the_containers_cores(container: Container) -> None:
     """The entrypoint applies the serve-time plan (handlers.scaler): one single-threaded cifar10 worker per
-    core the container is given, one for every other model; the archives alone would start 1 x 1."""
-    cores = int(container.exec("python", "-c", "from handlers.resources import available_cores; "
-                               "print(available_cores())").stdout)
+    core the container is given (as many as its memory limit holds), one for every other model; the
+    archives alone would start 1 x 1. The scaler, done, leaves no zombie behind."""
+    cores = int(container.exec("python", "-c", "from handlers.resources import plan_from_environment; "
+                               "print(plan_from_environment().default_workers)").stdout)
     describe = ("import json; from handlers.tokens import KeyRing; ring = KeyRing('key_file.json'); "
                 "print(json.dumps({m: len([w for w in ring.request('management', 'GET', "
                 "f'http://127.0.0.1:8081/models/{m}', timeout=10).json()[0]['workers'] if w['status'] == 'READY']) "
@@ -186,6 +187,7 @@ def test_workers_and_threads_follow_the_containers_cores(container: Container) -
     threads = re.findall(r"W-\d+-cifar10_1\.0-stdout MODEL_LOG - loaded \S+ \(\S+\) on cpu with (\d+) thread",
                          (container.workdir / "logs" / "model_log.log").read_text())
     assert threads == ["1"] * cores
+    assert "Z" not in container.exec("sh", "-c", "cat /proc/[0-9]*/stat | cut -d' ' -f3").stdout.split()
 
 
 def test_the_projects_tools_run_inside_the_image(container: Container) -> None:

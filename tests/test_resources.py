@@ -1,6 +1,7 @@
 """Workers x threads from the cores the server is given: cgroup quotas (v1 and v2), the rule, its overrides."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -12,8 +13,9 @@ import requests
 from hypothesis import given, strategies as st
 
 from handlers import resources
-from handlers.resources import (THREADS_ENV, WORKERS_ENV, ServingPlan, available_cores, cgroup_quota_cores, plan,
-                                plan_from_environment)
+from handlers.resources import (BASE_MEMORY, GIB, THREADS_ENV, WORKER_MEMORY, WORKERS_ENV, ServingPlan,
+                                available_cores, cgroup_memory_limit, cgroup_quota_cores, plan, plan_from_environment,
+                                workers_that_fit)
 from handlers.server import REPO_ROOT, TorchServe
 from handlers.tokens import bearer
 from tests.conftest import ports_for
@@ -45,6 +47,36 @@ def test_no_cgroup_information_means_no_quota(tmp_path: Path) -> None:
     assert cgroup_quota_cores(tmp_path / "missing", tmp_path) is None
     write(tmp_path / "proc", "0::/\n")
     assert cgroup_quota_cores(tmp_path / "proc", tmp_path / "empty") is None
+
+
+def test_memory_limit_of_the_cgroup_v2_and_v1(tmp_path: Path) -> None:
+    write(tmp_path / "proc2", "0::/kubepods/pod1/container\n")
+    write(tmp_path / "v2/kubepods/pod1/container/memory.max", "max\n")
+    write(tmp_path / "v2/kubepods/pod1/memory.max", f"{5 * GIB}\n")  # the pod's limit binds
+    assert cgroup_memory_limit(tmp_path / "proc2", tmp_path / "v2") == 5 * GIB
+    write(tmp_path / "proc1", "4:memory:/docker/abc\n3:cpu:/docker/abc\n")
+    write(tmp_path / "v1/memory/docker/abc/memory.limit_in_bytes", f"{4 * GIB}\n")
+    assert cgroup_memory_limit(tmp_path / "proc1", tmp_path / "v1") == 4 * GIB
+    write(tmp_path / "v1/memory/docker/abc/memory.limit_in_bytes", "9223372036854771712\n")  # v1: no limit
+    assert cgroup_memory_limit(tmp_path / "proc1", tmp_path / "v1") is None
+    assert cgroup_memory_limit(tmp_path / "missing", tmp_path) is None
+
+
+@given(cores=st.integers(1, 256), limit_gib=st.floats(0.5, 64))
+def test_derived_workers_fit_the_memory_limit(cores: int, limit_gib: float) -> None:
+    """A container without a CPU limit on a many-core host: one worker per core would outgrow its memory."""
+    limit = int(limit_gib * GIB)
+    chosen = plan(cores, memory_limit=limit)
+    assert 1 <= chosen.default_workers <= cores
+    assert chosen.default_workers == 1 or BASE_MEMORY + (chosen.default_workers - 1) * WORKER_MEMORY <= limit
+    assert chosen.default_workers == min(cores, workers_that_fit(limit))
+    assert chosen.threads == max(1, cores // chosen.default_workers)  # the cores stay in use through threads
+
+
+def test_the_shipped_pod_limits_and_an_explicit_count_are_not_capped() -> None:
+    assert plan(4, memory_limit=5 * GIB).default_workers == 4  # deploy/kubernetes: 4 CPU, 5 GiB
+    assert plan(16, memory_limit=5 * GIB).default_workers == 6
+    assert plan(16, workers=10, memory_limit=5 * GIB).default_workers == 10  # the operator's choice stands
 
 
 @pytest.mark.parametrize("quota, expected", [(None, 2), (0.5, 1), (1.5, 1), (8.0, 2)])
@@ -79,6 +111,7 @@ def test_non_positive_overrides_are_refused(workers, threads) -> None:
 
 def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(resources, "available_cores", lambda: 4)
+    monkeypatch.setattr(resources, "cgroup_memory_limit", lambda: None)
     monkeypatch.delenv(WORKERS_ENV, raising=False)
     monkeypatch.setenv(THREADS_ENV, "2")
     assert (plan_from_environment().default_workers, plan_from_environment().threads) == (2, 2)
@@ -119,13 +152,18 @@ def test_the_entrypoint_stops_on_a_bad_override() -> None:
     assert f"{WORKERS_ENV} must be a positive integer, got 'two'" in result.stderr
 
 
-def test_the_scaler_gives_up_when_no_server_answers(tmp_path: Path) -> None:
+def test_the_scaler_gives_up_when_no_server_answers_and_says_why(tmp_path: Path) -> None:
     config = tmp_path / "config.properties"
     config.write_text(f"management_address=http://127.0.0.1:{ports_for(18160)['grpc_management_port']}\n")
-    result = run_module([sys.executable, "-m", "handlers.scaler", "--workdir", str(tmp_path), "--config",
-                         str(config), "--timeout", "2"], {})
+    command = [sys.executable, "-m", "handlers.scaler", "--workdir", str(tmp_path), "--config", str(config),
+               "--timeout", "2"]
+    result = run_module(command, {})
     assert result.returncode == 1
-    assert "workers not scaled, each model keeps its archive's" in result.stderr
+    assert "workers not scaled to the plan" in result.stderr and "key_file.json" in result.stderr
+    key = {"key": "k", "expiration time": "2099-01-01T00:00:00Z"}
+    (tmp_path / "key_file.json").write_text(json.dumps({"management": key, "inference": key, "API": {"key": "a"}}))
+    result = run_module(command, {})  # keys now, but nothing listening
+    assert result.returncode == 1 and "ConnectionError" in result.stderr
 
 
 @pytest.mark.slow

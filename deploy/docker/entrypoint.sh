@@ -15,5 +15,7 @@ plan="$(python -m handlers.resources)"
 eval "$plan"
 python -m handlers.health serve --bind "$HEALTH_BIND" --workdir "$TS_WORKDIR" --config "$TS_CONFIG" &
 python -m handlers.renewer --workdir "$TS_WORKDIR" --config "$TS_CONFIG" &
-python -m handlers.scaler --workdir "$TS_WORKDIR" --config "$TS_CONFIG" &
+# The scaler exits when done: started from a subshell, it is tini's child, which reaps it, not a
+# zombie of the torchserve launcher that replaces this shell below.
+(python -m handlers.scaler --workdir "$TS_WORKDIR" --config "$TS_CONFIG" &)
 exec torchserve --start --foreground --ts-config "$TS_CONFIG" --ncs
