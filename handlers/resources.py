@@ -31,42 +31,34 @@ WORKER_MEMORY = GIB // 2
 def cgroup_quota_cores(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = CGROUP_ROOT) -> float | None:
     """The CPU quota of this process's cgroup and its ancestors in cores (cgroup v2 ``cpu.max`` or v1
     ``cpu.cfs_quota_us``/``cpu.cfs_period_us``), the tightest one found; None when unlimited or unreadable."""
-    try:
-        lines = proc_cgroup.read_text().splitlines()
-    except OSError:
-        return None
-    quotas = []
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":  # v2 unified hierarchy
-            files = [(directory / "cpu.max", None) for directory in _ancestors(root, path)]
-        elif "cpu" in controllers.split(","):
-            files = [(directory / "cpu.cfs_quota_us", directory / "cpu.cfs_period_us")
-                     for base in (root / "cpu", root / "cpu,cpuacct") for directory in _ancestors(base, path)]
-        else:
-            continue
-        quotas += [quota for quota in map(_read_quota, files) if quota is not None]
-    return min(quotas, default=None)
+    quotas = [_read_quota((directory / "cpu.max", None) if version == 2 else
+                          (directory / "cpu.cfs_quota_us", directory / "cpu.cfs_period_us"))
+              for directory, version in _limit_dirs("cpu", ("cpu", "cpu,cpuacct"), proc_cgroup, root)]
+    return min((quota for quota in quotas if quota is not None), default=None)
 
 
 def cgroup_memory_limit(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = CGROUP_ROOT) -> int | None:
     """The memory limit in bytes of this process's cgroup and its ancestors (v2 ``memory.max``, v1
     ``memory.limit_in_bytes``), the tightest one found; None when unlimited or unreadable."""
+    limits = [_read_bytes(directory / ("memory.max" if version == 2 else "memory.limit_in_bytes"))
+              for directory, version in _limit_dirs("memory", ("memory",), proc_cgroup, root)]
+    return min((limit for limit in limits if limit is not None), default=None)
+
+
+def _limit_dirs(controller: str, v1_mounts: tuple[str, ...], proc_cgroup: Path, root: Path) -> list[tuple[Path, int]]:
+    """Every cgroup directory whose ``controller`` limits apply to this process, with its cgroup version."""
     try:
         lines = proc_cgroup.read_text().splitlines()
     except OSError:
-        return None
-    limits = []
+        return []
+    directories = []
     for line in lines:
         _, controllers, path = line.split(":", 2)
-        if controllers == "":
-            files = [directory / "memory.max" for directory in _ancestors(root, path)]
-        elif "memory" in controllers.split(","):
-            files = [directory / "memory.limit_in_bytes" for directory in _ancestors(root / "memory", path)]
-        else:
-            continue
-        limits += [limit for limit in map(_read_bytes, files) if limit is not None]
-    return min(limits, default=None)
+        if controllers == "":  # v2 unified hierarchy
+            directories += [(directory, 2) for directory in _ancestors(root, path)]
+        elif controller in controllers.split(","):
+            directories += [(directory, 1) for mount in v1_mounts for directory in _ancestors(root / mount, path)]
+    return directories
 
 
 def _read_bytes(path: Path) -> int | None:
