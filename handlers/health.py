@@ -69,16 +69,20 @@ class Health:
         return self._ring
 
     def _get(self, path: str, **params: Any) -> Any:
-        response = self._keys().request("management", "GET", f"{self.management_url}{path}", params=params,
-                                        timeout=self.timeout)
-        response.raise_for_status()
-        return response.json()
+        return management_json(self._keys(), self.management_url, path, self.timeout, **params)
 
     def _models(self) -> list[str]:
         return model_names(self._get)
 
     def _has_ready_worker(self, model: str) -> bool:
         return ready_workers(self._get(f"/models/{model}")[0]) > 0
+
+
+def management_json(keys: KeyRing, management_url: str, path: str, timeout: float, **params: Any) -> Any:
+    """A management API GET with the management key (renewed when refused), as JSON; raises on an HTTP error."""
+    response = keys.request("management", "GET", f"{management_url}{path}", params=params, timeout=timeout)
+    response.raise_for_status()
+    return response.json()
 
 
 def model_names(get: Callable[..., Any]) -> list[str]:

@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import requests
 
-from handlers.health import model_names
+from handlers.health import management_json, model_names
 from handlers.resources import ServingPlan, plan_from_environment
 from handlers.tokens import KeyRing
 
@@ -29,13 +29,8 @@ class ScalingError(RuntimeError):
 
 def scale_to_plan(keys: KeyRing, management_url: str, plan: ServingPlan, timeout: float) -> dict[str, int]:
     """Scale every registered model to its planned workers and wait until they run; workers per model."""
-    def get(path: str, **params: Any) -> Any:
-        response = keys.request("management", "GET", f"{management_url}{path}", params=params, timeout=timeout)
-        response.raise_for_status()
-        return response.json()
-
     scaled = {}
-    for model in model_names(get):
+    for model in model_names(partial(management_json, keys, management_url, timeout=timeout)):
         workers = plan.workers_of(model)
         response = keys.request("management", "PUT", f"{management_url}/models/{model}", timeout=timeout,
                                 params={"min_worker": workers, "max_worker": workers, "synchronous": "true"})

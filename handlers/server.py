@@ -22,7 +22,7 @@ import psutil
 import requests
 
 from handlers.health import DEFAULT_BIND as DEFAULT_HEALTH_BIND
-from handlers.health import model_names, ready_workers, requests_status
+from handlers.health import management_json, model_names, ready_workers, requests_status
 from handlers.resources import DEFAULT_MODEL, THREADS_ENV, WORKERS_ENV, ServingPlan, plan_from_environment
 from handlers.scaler import scale_to_plan
 from handlers.tokens import KeyRing, Kind, read_key_file
@@ -194,9 +194,7 @@ class TorchServe:
         scale_to_plan(self.key_ring, self.management_url, plan, timeout)
 
     def _management_json(self, path: str, **params: Any) -> Any:
-        response = self.call("management", "GET", f"{self.management_url}{path}", params=params, timeout=10)
-        response.raise_for_status()
-        return response.json()
+        return management_json(self.key_ring, self.management_url, path, 10, **params)
 
     def models(self) -> list[str]:
         return model_names(self._management_json)
