@@ -57,18 +57,20 @@ COPY handlers/__init__.py handlers/cifar10_handler.py handlers/
 # hadolint ignore=SC2086
 RUN python -m export --data-dir /data --report-dir build/report $EXPORT_ARGS
 
-# The project itself (handlers.health, the gRPC client, the Locust users) into the same venv.
+# The project itself (server.health, the gRPC client, the Locust users) into the same venv.
 FROM deps AS app
 COPY pyproject.toml README.md /src/
 COPY training /src/training
 COPY export /src/export
 COPY handlers /src/handlers
+COPY server /src/server
+COPY clients /src/clients
 COPY loadtest /src/loadtest
 # The stack is in place already: no resolver, no build isolation (which would fetch setuptools again).
 # The gRPC stubs are generated from the installed frontend jar here, once: at run time the venv is
-# read-only (and not the user's), so handlers.grpc_stubs finds them current instead of writing them.
+# read-only (and not the user's), so clients.grpc_stubs finds them current instead of writing them.
 RUN pip install --no-deps --no-build-isolation --no-cache-dir /src \
- && python -m handlers.grpc_stubs
+ && python -m clients.grpc_stubs
 
 FROM python AS runtime
 # Java 17 for TorchServe's frontend; tini as PID 1 forwards signals to both processes and reaps.
@@ -100,5 +102,5 @@ VOLUME ["/var/lib/torchserve"]
 # the container's loopback (config.container.properties).
 EXPOSE 8080 8082 7070 8083
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
-    CMD ["python", "-m", "handlers.health", "check", "ready", "--url", "http://127.0.0.1:8083"]
+    CMD ["python", "-m", "server.health", "check", "ready", "--url", "http://127.0.0.1:8083"]
 ENTRYPOINT ["/usr/bin/tini", "-g", "--", "/app/entrypoint.sh"]

@@ -49,13 +49,13 @@ docs: venv
 	$(EXPORT) --verify-images all --benchmark --report-dir docs
 
 grpc: venv
-	$(PY) -m handlers.grpc_stubs
+	$(PY) -m clients.grpc_stubs
 
 serve: model-store grpc
-	$(PY) -m handlers.server start
+	$(PY) -m server start
 
 stop: venv
-	$(PY) -m handlers.server stop
+	$(PY) -m server stop
 
 # The store is built (and verified on all 10,000 images) before pytest starts, so that its time is not
 # charged to the first test's timeout; the tests' model_store fixture then finds it current.

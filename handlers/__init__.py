@@ -1,1 +1,1 @@
-"""Serving: the TorchServe handler, server control for tests and tools, and the gRPC client."""
+"""What goes into the model archive: the TorchServe handler, which imports nothing from the project."""

@@ -9,7 +9,7 @@ multipart request).
 Everything the handler needs to know about the model (classes, mean/std, variant) comes from the
 JSON that the export stage packs beside the serialized model, so this file imports nothing from the
 project and the archive is self-contained. The thread count comes from ``CIFAR10_WORKER_THREADS``,
-which ``python -m handlers.server start`` sets from the cores the server is given (handlers/resources.py,
+which ``python -m server start`` sets from the cores the server is given (server/plan.py,
 docs/SERVING.md), else from the archive's model-config.yaml (``handler.threads``), so that workers x
 threads match the cores instead of oversubscribing them. Input limits come from model-config.yaml too
 (``handler.max_image_pixels`` ...).
@@ -53,7 +53,7 @@ PARAMETERS = ("topk",)  # multipart fields that are options, not images
 TOPK_HEADER = "x-topk"  # the same option for a raw-body request (TorchServe does not forward query strings)
 TOPK_PATTERN = re.compile(r"\s*([0-9]{1,4})\s*")
 MAX_PHRASE = 200  # the message also goes into the HTTP status line: short, printable ASCII
-THREADS_ENV = "CIFAR10_WORKER_THREADS"  # = handlers.resources.THREADS_ENV (the archive imports nothing from the project)
+THREADS_ENV = "CIFAR10_WORKER_THREADS"  # = server.plan.THREADS_ENV (the archive imports nothing from the project)
 
 
 class BadInput(Exception):

@@ -35,10 +35,10 @@ import numpy as np
 from PIL import Image
 
 from export.runtime import load_runner
-from handlers.resources import THREADS_ENV
 from loadtest.affinity import parse_cpus
 from loadtest.archive import Archive, extract, read_archive
 from loadtest.images import test_images
+from server.plan import THREADS_ENV
 from training.data import default_data_dir
 
 WARMUP_BATCHES = 5

@@ -26,14 +26,15 @@ import psutil
 import requests
 import yaml
 
-from handlers.server import TorchServe, free_port_overrides
-from handlers.tokens import bearer
+from clients.tokens import bearer
 from loadtest.archive import read_archive, rewrite
 from loadtest.entries import request_entry
 from loadtest.images import test_images
 from loadtest.locust_csv import read_rows, run_stats
 from loadtest.report import machine, write_json
 from loadtest.run import LoadSpec, add_own_server_options, run_locust, warm_up
+from server.config import free_port_overrides
+from server.launcher import TorchServe
 from training.data import CIFAR10
 
 FAULTS = ("kill", "hang")

@@ -25,10 +25,10 @@ from typing import Any
 
 import requests
 
-from handlers.server import REPO_ROOT
-from handlers.tokens import bearer, read_key_file
+from clients.tokens import bearer, read_key_file
 from loadtest.images import test_images, true_labels
 from loadtest.report import machine, machine_line, write_json
+from server.config import REPO_ROOT
 from training.data import default_data_dir
 
 TARGET_SECONDS = 300.0

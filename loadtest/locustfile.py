@@ -31,8 +31,8 @@ from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 from locust.stats import CSV_STATS_INTERVAL_SEC
 
-from handlers.grpc_client import MANAGEMENT_URL, TorchServeGrpc
-from handlers.tokens import KeyRing, is_refusal
+from clients.grpc_client import MANAGEMENT_URL, TorchServeGrpc
+from clients.tokens import KeyRing, is_refusal
 from loadtest.check import answer_error, correct_labels
 from loadtest.entries import CORRECT, EXAMPLES, request_entry
 from loadtest.images import multipart, test_images, true_labels
@@ -161,7 +161,7 @@ class RestUser(Cifar10User, FastHttpUser):
 
 
 class GrpcUser(Cifar10User):
-    """TorchServe's gRPC Predictions call through handlers.grpc_client, one image per call.
+    """TorchServe's gRPC Predictions call through clients.grpc_client, one image per call.
 
     One image per call because the gRPC input is a protobuf map, whose order is not preserved, so
     several images in one call could not be matched to their answers.

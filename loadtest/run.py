@@ -25,8 +25,7 @@ from typing import Any
 
 import requests
 
-from handlers.server import REPO_ROOT, SHIPPED_CONFIG, TorchServe, parse_properties
-from handlers.tokens import KeyRing
+from clients.tokens import KeyRing
 from loadtest.affinity import format_cpus, parse_cpus, preexec
 from loadtest.archive import read_archive
 from loadtest.check import accuracy_floor
@@ -35,6 +34,9 @@ from loadtest.images import test_images
 from loadtest.locust_csv import run_stats
 from loadtest.plot import plot_history
 from loadtest.report import machine, run_markdown, write_json
+from server.config import REPO_ROOT, SHIPPED_CONFIG, parse_properties
+from server.launcher import TorchServe
+from server.processes import family, stop_processes
 from training.data import default_data_dir
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -129,10 +131,7 @@ def run_locust(spec: LoadSpec, output_dir: Path) -> Path:
         for worker in processes[1:]:
             worker.wait(timeout=30)  # workers quit when their master does
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        stop_processes(process for popen in processes for process in family(popen.pid))
     # Locust exits 1 when a request failed; that is a result, reported in the summary, not a crash.
     if code not in (0, 1) or not Path(f"{csv_prefix}_stats.csv").is_file():
         log = (output_dir / f"{names[0]}.log").read_text()[-3000:]

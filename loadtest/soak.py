@@ -22,12 +22,13 @@ from typing import Any
 import numpy as np
 import psutil
 
-from handlers.server import TorchServe, free_port_overrides
 from loadtest.cpu_usage import CpuMeter
 from loadtest.entries import request_entry
 from loadtest.locust_csv import history, run_stats
 from loadtest.report import machine, machine_line, write_json
 from loadtest.run import LoadSpec, add_own_server_options, run_locust, warm_up
+from server.config import free_port_overrides
+from server.launcher import TorchServe
 
 MIB = 2**20
 TARGET_GROWTH = 0.05

@@ -24,16 +24,25 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-
 from export.variants import VARIANTS, model_name
-from handlers.server import REPO_ROOT, TorchServe, free_port_overrides
-from loadtest.affinity import PINNING_MODES, Placement, affinities, default_split, format_cpus, parse_cpus, pin, placement
+from loadtest.affinity import (
+    PINNING_MODES,
+    Placement,
+    affinities,
+    default_split,
+    format_cpus,
+    parse_cpus,
+    pin,
+    placement,
+)
 from loadtest.archive import read_archive
 from loadtest.cpu_usage import CpuMeter
 from loadtest.entries import EXAMPLES
 from loadtest.locust_csv import history, rates
 from loadtest.report import benchmarks_markdown, machine, write_json
 from loadtest.run import LoadSpec, add_load_arguments, check_data_dir, load_test, passed, warm_up
+from server.config import REPO_ROOT, free_port_overrides
+from server.launcher import TorchServe
 
 TARGET_VARIANT = "onnx_int8_static"
 BATCH_LINE = re.compile(r"batch of (\d+) request\(s\), (\d+) image\(s\)")

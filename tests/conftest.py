@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from handlers.resources import plan_from_environment
-from handlers.server import REPO_ROOT, TorchServe, free_port_overrides
+from server.config import REPO_ROOT, free_port_overrides
+from server.launcher import TorchServe
+from server.plan import plan_from_environment
 
 # Every archive `python -m export` writes; the serving tests need all of them.
 MODEL_NAMES = ("cifar10", "cifar10_torchscript", "cifar10_onnx", "cifar10_onnx_int8_dynamic", "cifar10_onnx_int8_static")
@@ -62,7 +63,7 @@ def model_store(data_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def torchserve(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> TorchServe:
     """TorchServe with the shipped production config (auth on, model API off) and the serve-time workers x
-    threads of `python -m handlers.server start` (docs/SERVING.md), on test ports."""
+    threads of `python -m server start` (docs/SERVING.md), on test ports."""
     server = TorchServe(workdir=tmp_path_factory.mktemp("torchserve"), model_store=model_store,
                         overrides=ports_for(18080), plan=plan_from_environment())
     server.start(wait_for=list(MODEL_NAMES))

@@ -22,10 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from handlers.server import TorchServe
-from handlers.tokens import bearer
+from clients.tokens import bearer
 from loadtest.archive import extract, read_archive
 from loadtest.ceiling import import_handler
+from server.launcher import TorchServe
 from tests.test_serving import batch_log_lines, encode
 from training.model import CLASSES
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +21,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from handlers.health import Health, handler_for
-from handlers.resources import GIB, plan
-from handlers.server import REPO_ROOT, parse_properties
+from server.config import REPO_ROOT, parse_properties
+from server.health import Health, handler_for
+from server.plan import GIB, plan
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 DOCKER_DIR = REPO_ROOT / "deploy" / "docker"
@@ -89,10 +90,22 @@ def effective_config() -> dict[str, str]:
                             + "\n" + (DOCKER_DIR / "config.container.properties").read_text())
 
 
+def kustomized(directory: Path) -> list[dict]:
+    """The objects ``kubectl apply -k directory`` would apply (kubectl's built-in kustomize, offline)."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (its built-in kustomize renders the CPU and GPU Deployments) is not installed")
+    result = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
 @pytest.fixture(scope="module")
 def manifests() -> dict[str, list[dict]]:
-    return {path.name: [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
-            for path in sorted(MANIFESTS.glob("*.yaml"))}
+    """Every applied manifest by name; the Deployments as their kustomizations render them."""
+    plain = {path.name: [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+             for path in sorted(MANIFESTS.glob("*.yaml"))}
+    return plain | {"torchserve.yaml": kustomized(MANIFESTS / "cpu"), "torchserve-gpu.yaml": kustomized(MANIFESTS / "gpu")}
 
 
 def find(manifests: dict[str, list[dict]], file: str, kind: str, name: str | None = None) -> dict:
@@ -145,12 +158,12 @@ def test_image_runs_as_non_root_and_starts_through_its_entrypoint(image: Image) 
     entrypoint = image.entrypoint[-1]
     assert entrypoint in copied and copied[entrypoint].stat().st_mode & 0o111, "entrypoint copied and executable"
     script = copied[entrypoint].read_text()
-    for command in ("torchserve --start --foreground", "python -m handlers.health serve", "python -m handlers.renewer"):
+    for command in ("torchserve --start --foreground", "python -m server.health serve", "python -m server.renewer"):
         assert command in script
     used = set(re.findall(r"\$\{?([A-Z_][A-Z0-9_]*)(?![A-Z0-9_]*:-)", script))
     assert used <= set(image.env), f"entrypoint reads unset variables: {used - set(image.env)}"
     # HEALTHCHECK asks the health server the image starts, on its port
-    assert image.healthcheck[:4] == ["python", "-m", "handlers.health", "check"]
+    assert image.healthcheck[:4] == ["python", "-m", "server.health", "check"]
     assert port_of(image.healthcheck[image.healthcheck.index("--url") + 1]) == port_of(image.env["HEALTH_BIND"])
 
 

@@ -26,10 +26,10 @@ from export.data import stratified_indices
 from export.store import STAMP, is_current, read_stamp, replacing
 from export.variants import MODEL_PREFIX, VARIANTS, artifact_name, model_name
 from export.verify import ArtifactRejected, floor_reason, rejection_reason
+from tests.conftest import MODEL_NAMES, RELEASE_CHECKPOINT
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data import CIFAR10
 from training.model import CLASSES, MEAN, STD
-from tests.conftest import MODEL_NAMES, RELEASE_CHECKPOINT
 
 REPO = Path(__file__).resolve().parent.parent
 VERIFY_IMAGES = 500

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from handlers.server import TorchServe
-from handlers.tokens import bearer
+from clients.tokens import bearer
 from loadtest.faults import gone, inject, with_response_timeout
+from server.launcher import TorchServe
 from tests.conftest import ports_for
 from training.model import CLASSES
 

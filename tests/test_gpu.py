@@ -19,9 +19,9 @@ import torch
 
 from export.convert import export_onnx, export_torchscript
 from export.metadata import base_metadata, write_sidecar
-from handlers.server import REPO_ROOT
 from loadtest.ceiling import import_handler
 from loadtest.images import test_images as png_pool
+from server.config import REPO_ROOT
 from tests.conftest import RELEASE_CHECKPOINT
 from training import train as train_cli
 from training.checkpoint import load_checkpoint

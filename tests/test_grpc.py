@@ -22,11 +22,12 @@ import pytest
 import requests
 import yaml
 
-from handlers import grpc_stubs
-from handlers.grpc_client import PredictionError, TorchServeGrpc
-from handlers.server import REPO_ROOT, TorchServe
+from clients import grpc_stubs
+from clients.grpc_client import PredictionError, TorchServeGrpc
+from clients.tokens import bearer
 from loadtest.faults import gone
-from handlers.tokens import bearer
+from server.config import REPO_ROOT
+from server.launcher import TorchServe
 from tests.conftest import ports_for
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -83,7 +84,7 @@ def client(server: TorchServe) -> TorchServeGrpc:
 
 def test_stubs_are_generated_from_the_installed_torchserve_jar_and_then_reused(tmp_path: Path) -> None:
     out = tmp_path / "grpc"
-    assert grpc_stubs.main(["--out", str(out)]) == 0  # what `python -m handlers.grpc_stubs` does
+    assert grpc_stubs.main(["--out", str(out)]) == 0  # what `python -m clients.grpc_stubs` does
     generated = {path.relative_to(out).as_posix() for path in out.rglob("*.py")}
     assert {"inference_pb2.py", "inference_pb2_grpc.py", "management_pb2.py", "management_pb2_grpc.py",
             "google/rpc/status_pb2.py"} <= generated
@@ -267,7 +268,7 @@ def test_the_cli_uses_the_key_file_and_reports_grpc_errors(server: TorchServe, t
     def cli(*args: str) -> subprocess.CompletedProcess:
         targets = ["--inference-target", server.grpc_inference_target,
                    "--management-target", server.grpc_management_target]
-        return subprocess.run([sys.executable, "-m", "handlers.grpc_client", "--key-file",
+        return subprocess.run([sys.executable, "-m", "clients.grpc_client", "--key-file",
                                str(server.workdir / "key_file.json"), *targets, *args],
                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
 

@@ -21,9 +21,9 @@ import requests
 import torch
 import yaml
 
-from handlers.grpc_client import PredictionError, TorchServeGrpc
-from handlers.server import REPO_ROOT
-from handlers.tokens import bearer, read_key_file
+from clients.grpc_client import PredictionError, TorchServeGrpc
+from clients.tokens import bearer, read_key_file
+from server.config import REPO_ROOT
 from tests.conftest import PORT_OFFSET
 from tests.test_serving import probabilities_of, reference_probabilities  # noqa: F401 (fixture)
 from training.model import CLASSES
@@ -44,7 +44,7 @@ def docker(*args: str, check: bool = True, timeout: float = 120) -> subprocess.C
 
 
 def manifest_memory_limit() -> str:
-    deployment = next(yaml.safe_load_all((REPO_ROOT / "deploy" / "kubernetes" / "torchserve.yaml").read_text()))
+    deployment = next(yaml.safe_load_all((REPO_ROOT / "deploy" / "kubernetes" / "cpu" / "torchserve.yaml").read_text()))
     limit = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
     return limit.replace("Gi", "g").replace("Mi", "m")
 
@@ -170,12 +170,12 @@ def test_management_api_listens_on_the_containers_loopback_only(container: Conta
 
 
 def test_workers_and_threads_follow_the_containers_cores(container: Container) -> None:
-    """The entrypoint applies the serve-time plan (handlers.scaler): one single-threaded cifar10 worker per
+    """The entrypoint applies the serve-time plan (server.scaler): one single-threaded cifar10 worker per
     core the container is given (as many as its memory limit holds), one for every other model; the
     archives alone would start 1 x 1. The scaler, done, leaves no zombie behind."""
-    cores = int(container.exec("python", "-c", "from handlers.resources import plan_from_environment; "
+    cores = int(container.exec("python", "-c", "from server.plan import plan_from_environment; "
                                "print(plan_from_environment().default_workers)").stdout)
-    describe = ("import json; from handlers.tokens import KeyRing; ring = KeyRing('key_file.json'); "
+    describe = ("import json; from clients.tokens import KeyRing; ring = KeyRing('key_file.json'); "
                 "print(json.dumps({m: len([w for w in ring.request('management', 'GET', "
                 "f'http://127.0.0.1:8081/models/{m}', timeout=10).json()[0]['workers'] if w['status'] == 'READY']) "
                 "for m in ('cifar10', 'cifar10_onnx')}))")

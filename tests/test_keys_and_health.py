@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from handlers.grpc_client import TorchServeGrpc
-from handlers.health import Health, check
-from handlers.server import REPO_ROOT, TorchServe, requests_status
-from handlers.tokens import KeyRing, bearer, read_key_file
+from clients.grpc_client import TorchServeGrpc
+from clients.tokens import KeyRing, bearer, read_key_file
 from loadtest.run import LoadSpec, load_test
+from server.config import REPO_ROOT
+from server.health import Health, check, requests_status
+from server.launcher import TorchServe
 from tests.conftest import PORT_OFFSET, ports_for
 from training.model import CLASSES
 
@@ -48,7 +49,7 @@ def expiry(server: TorchServe, kind: str) -> datetime:
 
 
 def grpc_cli(server: TorchServe, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "handlers.grpc_client", "--key-file", str(server.key_file),
+    return subprocess.run([sys.executable, "-m", "clients.grpc_client", "--key-file", str(server.key_file),
                            "--management-url", server.management_url, "--inference-target",
                            server.grpc_inference_target, "--management-target", server.grpc_management_target, *args],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
@@ -78,7 +79,7 @@ def test_a_model_without_a_ready_worker_makes_the_server_not_ready(server: Torch
         assert (response.status_code, response.json()) == (503, {"status": "not ready"})
         assert MODELS[1] not in response.text
         assert requests_status(f"{server.health_url}/live") == 200  # alive: no reason to restart it
-        assert subprocess.run([sys.executable, "-m", "handlers.health", "check", "ready", "--url", server.health_url],
+        assert subprocess.run([sys.executable, "-m", "server.health", "check", "ready", "--url", server.health_url],
                               cwd=REPO_ROOT, timeout=60).returncode == 1
     finally:
         scale(1)

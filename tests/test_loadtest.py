@@ -16,7 +16,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-from handlers.server import TorchServe
 from loadtest.affinity import placement
 from loadtest.archive import read_archive, rewrite
 from loadtest.ceiling import images_per_second
@@ -25,8 +24,11 @@ from loadtest.cpu_usage import CpuMeter
 from loadtest.entries import CORRECT, EXAMPLES
 from loadtest.locust_csv import history, rates, run_stats
 from loadtest.report import benchmarks_markdown, machine, run_markdown
-from loadtest.run import LoadSpec, load_test, main as load_test_cli, passed
-from loadtest.sweep import get_args_parser as sweep_parser, load_window, mean_batch
+from loadtest.run import LoadSpec, load_test, passed
+from loadtest.run import main as load_test_cli
+from loadtest.sweep import get_args_parser as sweep_parser
+from loadtest.sweep import load_window, mean_batch
+from server.launcher import TorchServe
 from tests.conftest import ports_for
 from training.model import CLASSES
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from loadtest.peers.bench import free_port, main as peers_main
-from loadtest.peers.common import ROUTE
+from loadtest.peers.bench import free_port
+from loadtest.peers.bench import main as peers_main
+from loadtest.peers.common import ROUTE, archive_handler, classify
 from loadtest.peers.contenders import Contender, RunningPeer, parse_contender
 from loadtest.peers.report import peers_markdown, target_lines
 from loadtest.report import machine
-from loadtest.peers.common import archive_handler, classify
 from training.model import CLASSES
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from handlers.renewer import parse_instant, renew_due
-from handlers.server import TorchServe
-from handlers.tokens import KeyRing, bearer, read_key_file
+from clients.tokens import KeyRing, bearer, read_key_file
+from server.launcher import TorchServe
+from server.renewer import parse_instant, renew_due
 from tests.conftest import ports_for
 
 

@@ -12,8 +12,9 @@ import requests
 import torch
 from PIL import Image
 
-from handlers.server import REPO_ROOT, SHIPPED_CONFIG, TorchServe, anchored_vmargs, parse_properties
-from handlers.tokens import bearer
+from clients.tokens import bearer
+from server.config import REPO_ROOT, SHIPPED_CONFIG, anchored_vmargs, parse_properties
+from server.launcher import TorchServe
 from tests.conftest import MODEL_NAMES, RELEASE_CHECKPOINT
 from training.checkpoint import load_checkpoint
 from training.data import load_split

@@ -11,11 +11,11 @@ rm -f "${TMPDIR:-/tmp}/.model_server.pid"
 # Workers x threads from the container's cores (CPU quota, cpuset), unless CIFAR10_WORKERS or
 # CIFAR10_WORKER_THREADS say otherwise (docs/SERVING.md). TorchServe passes its environment to
 # every worker: that is how the handler gets its threads.
-plan="$(python -m handlers.resources)"
+plan="$(python -m server.plan)"
 eval "$plan"
-python -m handlers.health serve --bind "$HEALTH_BIND" --workdir "$TS_WORKDIR" --config "$TS_CONFIG" &
-python -m handlers.renewer --workdir "$TS_WORKDIR" --config "$TS_CONFIG" &
+python -m server.health serve --bind "$HEALTH_BIND" --workdir "$TS_WORKDIR" --config "$TS_CONFIG" &
+python -m server.renewer --workdir "$TS_WORKDIR" --config "$TS_CONFIG" &
 # The scaler exits when done: started from a subshell, it is tini's child, which reaps it, not a
 # zombie of the torchserve launcher that replaces this shell below.
-(python -m handlers.scaler --workdir "$TS_WORKDIR" --config "$TS_CONFIG" &)
+(python -m server.scaler --workdir "$TS_WORKDIR" --config "$TS_CONFIG" &)
 exec torchserve --start --foreground --ts-config "$TS_CONFIG" --ncs

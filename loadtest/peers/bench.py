@@ -26,19 +26,19 @@ from typing import Any
 
 import psutil
 
-from handlers.resources import plan_from_environment
-from handlers.server import DEFAULT_MODEL, REPO_ROOT
 from loadtest.archive import read_archive
 from loadtest.cpu_usage import GroupMeter
 from loadtest.images import test_images
 from loadtest.locust_csv import entry_stats, find_entry, history, rates, read_rows
 from loadtest.peers.common import GOODPUT, ROUTE
-from loadtest.run import free_port
 from loadtest.peers.contenders import Contender, RunningPeer, RunningTorchServe, parse_contender
 from loadtest.peers.report import peers_markdown
 from loadtest.report import machine, write_json
-from loadtest.run import bounded, check_data_dir
+from loadtest.run import bounded, check_data_dir, free_port
 from loadtest.sweep import ceiling, shown_path
+from server.config import REPO_ROOT
+from server.plan import DEFAULT_MODEL, plan_from_environment
+from server.processes import family, stop_processes
 from training.data import default_data_dir
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -62,9 +62,7 @@ def wait_locust(process: subprocess.Popen, seconds: int, log: Path) -> None:
     try:
         code = process.wait(timeout=seconds + 120)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        stop_processes(family(process.pid))
     if code not in (0, 1):  # 1: some request failed, which the stats report
         raise RuntimeError(f"locust exited with {code}: {log.read_text()[-2000:]}")
 

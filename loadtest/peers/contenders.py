@@ -16,9 +16,11 @@ from typing import Protocol
 import psutil
 import requests
 
-from handlers.resources import available_cores, plan_from_environment
-from handlers.server import DEFAULT_MODEL, REPO_ROOT, TorchServe, free_port_overrides
 from loadtest.peers.common import ROUTE
+from server.config import REPO_ROOT, free_port_overrides
+from server.launcher import TorchServe
+from server.plan import DEFAULT_MODEL, available_cores, plan_from_environment
+from server.processes import family, stop_processes
 
 PEER_MODULES = {"litserve": "loadtest.peers.litserve_batched", "fastapi-async": "loadtest.peers.fastapi_async",
                 "fastapi-sync": "loadtest.peers.fastapi_sync"}
@@ -163,19 +165,7 @@ class RunningPeer:
         raise TimeoutError(f"peer not ready after {READY_TIMEOUT_S} s; see {log}")
 
     def processes(self) -> list[psutil.Process]:
-        try:
-            return [self.root, *self.root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
+        return family(self.root)
 
     def stop(self) -> None:
-        family = self.processes()
-        for process in family:
-            try:
-                process.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(family, timeout=20)
-        for process in alive:
-            process.kill()
-        psutil.wait_procs(alive, timeout=10)
+        stop_processes(self.processes())

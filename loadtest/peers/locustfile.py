@@ -16,7 +16,7 @@ from typing import Any
 
 from locust import FastHttpUser, constant, events, task
 
-from handlers.tokens import bearer, read_key_file
+from clients.tokens import bearer, read_key_file
 from loadtest.check import answer_error
 from loadtest.images import test_images
 from loadtest.peers.common import GOODPUT, ROUTE

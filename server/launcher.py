@@ -16,55 +16,27 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import psutil
 import requests
 
-from handlers.health import DEFAULT_BIND as DEFAULT_HEALTH_BIND
-from handlers.health import management_json, model_names, ready_workers, requests_status
-from handlers.resources import DEFAULT_MODEL, THREADS_ENV, WORKERS_ENV, ServingPlan, plan_from_environment
-from handlers.scaler import scale_to_plan
-from handlers.tokens import KeyRing, Kind, read_key_file
+from clients.management import Management
+from clients.tokens import KeyRing, Kind, read_key_file
+from server.config import (
+    REPO_ROOT,
+    SHIPPED_CONFIG,
+    anchored_vmargs,
+    read_properties,
+    render_properties,
+    store_only_urls,
+)
+from server.health import DEFAULT_BIND as DEFAULT_HEALTH_BIND
+from server.health import requests_status
+from server.plan import DEFAULT_MODEL, THREADS_ENV, WORKERS_ENV, ServingPlan, plan_from_environment
+from server.processes import family, stop_processes
+from server.scaler import scale_to_plan
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-# The config this installation serves with: the checkout's config.properties, or in the container image
-# (where the project is installed into a venv, without the checkout) the effective one it names in TS_CONFIG.
-SHIPPED_CONFIG = Path(os.environ.get("TS_CONFIG") or REPO_ROOT / "config.properties")
-LOG_CONFIG_FLAG = "-Dlog4j.configurationFile="
 HEALTH_PID_FILE = "health.pid"
-
-
-def store_only_urls(model_store: Path) -> str:
-    """``allowed_urls`` (TorchServe: comma-separated Java regexes) matching only archives in ``model_store``.
-
-    TorchServe's default, ``file://.*|http(s)?://.*``, lets any holder of the management key make the
-    server download and run an archive from anywhere (CVE-2023-43654). Archives registered by name
-    (``url=cifar10.mar``) are read from the model store and are not URLs, so they stay allowed.
-    """
-    store = str(model_store)
-    if "," in store or "\\E" in store:
-        raise ValueError(f"model store path {store!r} cannot be quoted in allowed_urls")
-    return f"file://\\Q{store}\\E/[^/]+\\.mar"
-
-
-def parse_properties(text: str) -> dict[str, str]:
-    pairs = (line.split("=", 1) for line in text.splitlines() if "=" in line and not line.lstrip().startswith("#"))
-    return {key.strip(): value.strip() for key, value in pairs}
-
-
-def anchored_vmargs(vmargs: str, base: Path) -> str:
-    """``vmargs`` with a relative log4j configuration made absolute against ``base`` (the config's directory).
-
-    The shipped config names log4j2.xml relative to the repository root, where the README starts the
-    server; an instance started from another working directory must still find it, or the JVM would
-    silently fall back to TorchServe's per-request DEBUG logging.
-    """
-    words = vmargs.split()
-    for i, word in enumerate(words):
-        if word.startswith(LOG_CONFIG_FLAG) and not Path(word.removeprefix(LOG_CONFIG_FLAG)).is_absolute():
-            words[i] = LOG_CONFIG_FLAG + str(base / word.removeprefix(LOG_CONFIG_FLAG))
-    return " ".join(words)
 
 
 @dataclass
@@ -76,7 +48,7 @@ class TorchServe:
     ``allowed_urls`` confines registration to the model store unless an override says otherwise.
     ``isolated`` gives the instance its own TMPDIR (tests, sweeps); without it, a plain
     ``torchserve --stop`` finds and stops it.
-    ``plan`` (handlers.resources) sets the workers of each model once it is loaded and the threads of
+    ``plan`` (server.plan) sets the workers of each model once it is loaded and the threads of
     every worker; without it the archives' model-config.yaml decides both.
     """
 
@@ -89,6 +61,7 @@ class TorchServe:
     plan: ServingPlan | None = None
     process: psutil.Process | None = None
     _key_ring: KeyRing | None = field(default=None, init=False, repr=False)
+    _management: Management | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
@@ -96,7 +69,7 @@ class TorchServe:
         store = {"model_store": str(self.model_store)}
         if self.enable_model_api:
             store["allowed_urls"] = store_only_urls(self.model_store)
-        self.properties = parse_properties(self.config.read_text()) | store | self.overrides
+        self.properties = read_properties(self.config) | store | self.overrides
         if "vmargs" in self.properties:
             self.properties["vmargs"] = anchored_vmargs(self.properties["vmargs"], self.config.resolve().parent)
 
@@ -137,7 +110,7 @@ class TorchServe:
         return self._key_ring
 
     def call(self, kind: Kind, method: str, url: str, **kwargs) -> requests.Response:
-        """An HTTP call with the ``kind`` key that survives the key's expiry (see handlers.tokens)."""
+        """An HTTP call with the ``kind`` key that survives the key's expiry (see clients.tokens)."""
         return self.key_ring.request(kind, method, url, **kwargs)
 
     @property
@@ -168,12 +141,11 @@ class TorchServe:
         """Start the server and wait until it answers and the named models have a ready worker."""
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         config = self.effective_config
-        # java.util.Properties reads a backslash as an escape: double it (allowed_urls' regex has some).
-        config.write_text("".join(f"{k}={v}".replace("\\", "\\\\") + "\n" for k, v in self.properties.items()))
+        config.write_text(render_properties(self.properties))
         args = ["--start", "--ts-config", str(config), "--ncs"]
         if self.enable_model_api:
             args.append("--enable-model-api")
-        self._key_ring = None  # a new start writes new keys
+        self._key_ring = self._management = None  # a new start writes new keys
         self.torchserve_cli(*args)
         pid_file = self.tmpdir / ".model_server.pid"
         deadline = time.monotonic() + timeout
@@ -190,14 +162,18 @@ class TorchServe:
         return self
 
     def apply_plan(self, plan: ServingPlan, timeout: float) -> None:
-        """Scale every loaded model to its planned workers (handlers.scaler)."""
-        scale_to_plan(self.key_ring, self.management_url, plan, timeout)
+        """Scale every loaded model to its planned workers (server.scaler)."""
+        scale_to_plan(self.management, plan, timeout)
 
-    def _management_json(self, path: str, **params: Any) -> Any:
-        return management_json(self.key_ring, self.management_url, path, 10, **params)
+    @property
+    def management(self) -> Management:
+        """This instance's management API (clients.management), sharing its key ring."""
+        if self._management is None:
+            self._management = Management(self.key_file, self.management_url, keys=self.key_ring)
+        return self._management
 
     def models(self) -> list[str]:
-        return model_names(self._management_json)
+        return self.management.models()
 
     def _wait_ready(self, models: list[str], deadline: float) -> None:
         pending = ["ping", *models]
@@ -219,32 +195,30 @@ class TorchServe:
                 time.sleep(0.5)
 
     def describe(self, model: str) -> dict:
-        return self._management_json(f"/models/{model}")[0]
+        return self.management.describe(model)[0]
 
     def ready_workers(self, model: str) -> int:
-        return ready_workers(self.describe(model))
+        return self.management.ready_workers(model)
 
     def processes(self) -> list[psutil.Process]:
         """The frontend and every process it started (the Python workers)."""
-        if self.process is None or not self.process.is_running():
-            return []
-        return [self.process, *self.process.children(recursive=True)]
+        return family(self.process) if self.process is not None else []
 
     @property
     def effective_config(self) -> Path:
         return self.workdir / "logs" / "effective-config.properties"
 
     def start_health(self, bind: str = DEFAULT_HEALTH_BIND, timeout: float = 30.0) -> str:
-        """Start the secret-free /live and /ready server (handlers.health) for this instance; its URL.
+        """Start the secret-free /live and /ready server (server.health) for this instance; its URL.
 
         Detached like TorchServe itself, so that it outlives the command that started it; its pid goes
-        beside the logs so that :meth:`stop_health` (and ``python -m handlers.server stop``) finds it.
+        beside the logs so that :meth:`stop_health` (and ``python -m server stop``) finds it.
         """
         self.stop_health()
         logs = self.workdir / "logs"
         with open(logs / "health.log", "a") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "handlers.health", "serve", "--bind", bind, "--workdir", str(self.workdir),
+                [sys.executable, "-m", "server.health", "serve", "--bind", bind, "--workdir", str(self.workdir),
                  "--config", str(self.effective_config)],
                 cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         (logs / HEALTH_PID_FILE).write_text(str(process.pid))
@@ -262,9 +236,8 @@ class TorchServe:
             return
         try:
             process = psutil.Process(int(pid_file.read_text()))
-            if "handlers.health" in process.cmdline():  # not a recycled pid
-                process.terminate()
-                process.wait(timeout=10)
+            if "server.health" in process.cmdline():  # not a recycled pid
+                stop_processes([process], grace=10)
         except (psutil.NoSuchProcess, ValueError):
             pass
         pid_file.unlink(missing_ok=True)
@@ -272,12 +245,9 @@ class TorchServe:
     def stop(self, timeout: float = 60.0) -> None:
         """``torchserve --stop``, then make sure no process of this instance is left behind."""
         self.stop_health()
-        family = self.processes()
+        processes = self.processes()
         self.torchserve_cli("--stop")
-        _, alive = psutil.wait_procs(family, timeout=timeout)
-        for process in alive:
-            process.kill()
-        psutil.wait_procs(alive, timeout=10)
+        stop_processes(processes, grace=timeout, terminate=False)
         self.process = None
 
     def log_text(self, name: str = "model_log.log") -> str:
@@ -291,20 +261,9 @@ class TorchServe:
         self.stop()
 
 
-def free_port_overrides(base: int) -> dict[str, str]:
-    """Ports base..base+4 on loopback for a second instance beside the default one."""
-    return {
-        "inference_address": f"http://127.0.0.1:{base}",
-        "management_address": f"http://127.0.0.1:{base + 1}",
-        "metrics_address": f"http://127.0.0.1:{base + 2}",
-        "grpc_inference_port": str(base + 3),
-        "grpc_management_port": str(base + 4),
-    }
-
-
 def main() -> None:
-    """``python -m handlers.server start|stop``: the production server, run from the current directory."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
+    """``python -m server start|stop``: the production server, run from the current directory."""
+    parser = argparse.ArgumentParser(prog="python -m server", description=main.__doc__)
     parser.add_argument("action", choices=("start", "stop"))
     parser.add_argument("--model-store", type=Path, default=REPO_ROOT / "model_store")
     parser.add_argument("--enable-model-api", action="store_true", help="allow register/unregister (off in production)")
@@ -329,8 +288,5 @@ def main() -> None:
     print(f"TorchServe is serving {', '.join(models)}: REST {server.inference_url}, management {server.management_url}, "
           f"metrics {server.metrics_url}/metrics, gRPC {server.grpc_inference_target} / {server.grpc_management_target}, "
           f"health {health}/live and {health}/ready. Tokens: {server.workdir / 'key_file.json'}. "
-          "Stop it with: make stop (or python -m handlers.server stop)")
+          "Stop it with: make stop (or python -m server stop)")
 
-
-if __name__ == "__main__":
-    main()

@@ -5,10 +5,10 @@ In the container image the management API listens on the container's loopback on
 outside, reading key_file.json from the mounted working directory, cannot. This loop, started by the
 image's entrypoint beside TorchServe, renews the inference and management keys ``margin`` seconds
 before they expire, so the file always holds valid keys. Renewal invalidates the old key at once: a
-client refused once re-reads the file and retries (what :class:`handlers.tokens.KeyRing` does, even
+client refused once re-reads the file and retries (what :class:`clients.tokens.KeyRing` does, even
 without a management URL).
 
-    python -m handlers.renewer --workdir /var/lib/torchserve --config config.properties
+    python -m server.renewer --workdir /var/lib/torchserve --config config.properties
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import requests
 
-from handlers.tokens import KINDS, Kind, read_key_file, request_new_key
+from clients.tokens import KINDS, Kind, read_key_file, request_new_key
+from server.config import read_properties
 
 
 def parse_instant(text: str) -> datetime:
@@ -50,9 +51,7 @@ def renew_due(key_file: Path, management_url: str, margin: timedelta, timeout: f
 
 
 def main(argv: list[str] | None = None) -> int:
-    from handlers.server import parse_properties
-
-    parser = argparse.ArgumentParser(prog="python -m handlers.renewer", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m server.renewer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path.cwd(), help="TorchServe's start directory (key_file.json)")
     parser.add_argument("--config", type=Path, required=True, help="TorchServe's config, for its management address")
     parser.add_argument("--margin", type=float, default=300, help="renew this many seconds before expiry (default: 300)")
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.margin <= args.interval:
         parser.error("--margin must exceed --interval, or a key could expire between two checks")
-    management_url = parse_properties(args.config.read_text())["management_address"]
+    management_url = read_properties(args.config)["management_address"]
     key_file = args.workdir / "key_file.json"
     while True:
         time.sleep(args.interval)

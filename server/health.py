@@ -12,40 +12,37 @@ directory, renewed when they expire) and answers two questions:
   readiness probe means "send no traffic here for now".
 
 Bodies are ``{"status": "..."}`` only: no model names, versions, keys or error text, since the
-endpoints are unauthenticated. ``python -m handlers.health check live|ready`` is the same question
+endpoints are unauthenticated. ``python -m server.health check live|ready`` is the same question
 as an exit status, for exec probes and HEALTHCHECK.
 
-    python -m handlers.health serve --bind 127.0.0.1:8083 --workdir . --config config.properties
-    python -m handlers.health check ready --url http://127.0.0.1:8083
+    python -m server.health serve --bind 127.0.0.1:8083 --workdir . --config config.properties
+    python -m server.health check ready --url http://127.0.0.1:8083
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import requests
 
-from handlers.tokens import KeyRing
+from clients.management import Management
+from server.config import SHIPPED_CONFIG, read_properties
 
 DEFAULT_BIND = "127.0.0.1:8083"
 PROBE_TIMEOUT = 5.0
-PAGE = 1000  # the management API's largest page
 
 
 class Health:
     """Answers liveness and readiness for the TorchServe started in ``workdir`` with ``properties``."""
 
     def __init__(self, workdir: Path, properties: dict[str, str], timeout: float = PROBE_TIMEOUT) -> None:
-        self.key_file = Path(workdir) / "key_file.json"
-        self.management_url = properties["management_address"].rstrip("/")
+        self.management = Management(Path(workdir) / "key_file.json", properties["management_address"], timeout)
         self.metrics_url = properties["metrics_address"].rstrip("/")
         self.timeout = timeout
-        self._ring: KeyRing | None = None
 
     def live(self) -> bool:
         try:
@@ -55,50 +52,12 @@ class Health:
             return False
 
     def ready(self) -> bool:
+        # A restart's new keys are picked up by KeyRing.renew, which re-reads the file before asking for new ones.
         try:
-            models = self._models()
-            return bool(models) and all(self._has_ready_worker(name) for name in models)
+            models = self.management.models()
+            return bool(models) and all(self.management.ready_workers(name) > 0 for name in models)
         except (requests.RequestException, OSError, ValueError, KeyError, TypeError):
             return False  # not started, keys not written yet, or an answer we cannot read: not ready
-
-    def _keys(self) -> KeyRing:
-        # Made on first use: TorchServe writes the key file only once it runs. A restart's new keys
-        # are picked up by KeyRing.renew, which re-reads the file before asking for new ones.
-        if self._ring is None:
-            self._ring = KeyRing(self.key_file, self.management_url, timeout=self.timeout)
-        return self._ring
-
-    def _get(self, path: str, **params: Any) -> Any:
-        return management_json(self._keys(), self.management_url, path, self.timeout, **params)
-
-    def _models(self) -> list[str]:
-        return model_names(self._get)
-
-    def _has_ready_worker(self, model: str) -> bool:
-        return ready_workers(self._get(f"/models/{model}")[0]) > 0
-
-
-def management_json(keys: KeyRing, management_url: str, path: str, timeout: float, **params: Any) -> Any:
-    """A management API GET with the management key (renewed when refused), as JSON; raises on an HTTP error."""
-    response = keys.request("management", "GET", f"{management_url}{path}", params=params, timeout=timeout)
-    response.raise_for_status()
-    return response.json()
-
-
-def model_names(get: Callable[..., Any]) -> list[str]:
-    """Every registered model, page by page; ``get(path, **params)`` answers a management GET as JSON."""
-    names: list[str] = []
-    token: str | None = "0"
-    while token is not None:
-        page = get("/models", limit=PAGE, next_page_token=token)
-        names += [model["modelName"] for model in page["models"]]
-        token = page.get("nextPageToken")
-    return names
-
-
-def ready_workers(description: dict[str, Any]) -> int:
-    """READY workers in one model's management description."""
-    return sum(worker["status"] == "READY" for worker in description["workers"])
 
 
 def handler_for(health: Health) -> type[BaseHTTPRequestHandler]:
@@ -153,9 +112,7 @@ def check(url: str, probe: str, timeout: float = PROBE_TIMEOUT + 2) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from handlers.server import SHIPPED_CONFIG, parse_properties
-
-    parser = argparse.ArgumentParser(prog="python -m handlers.health", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m server.health", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="answer /live and /ready over HTTP")
     serve.add_argument("--bind", default=DEFAULT_BIND, help="host:port to listen on (default: %(default)s)")
@@ -169,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "check":
         return 0 if check(args.url, args.probe) else 1
-    server = make_server(Health(args.workdir, parse_properties(args.config.read_text())), args.bind)
+    server = make_server(Health(args.workdir, read_properties(args.config)), args.bind)
     print(f"health checks on http://{args.bind}/live and /ready", file=sys.stderr, flush=True)
     try:
         server.serve_forever()

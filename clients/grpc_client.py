@@ -10,10 +10,10 @@ Token authorization is on in the shipped config, so every call carries
 predictions) and the *management* key for the management service. Both come from the
 ``key_file.json`` TorchServe writes into the directory it was started from, and both expire: a
 call refused with PERMISSION_DENIED "Token Authorization failed" renews the key through the token
-API on the REST management address (``--management-url``) and is retried once (handlers.tokens).
+API on the REST management address (``--management-url``) and is retried once (clients.tokens).
 
-    python -m handlers.grpc_client --key-file key_file.json list
-    python -m handlers.grpc_client predict cifar10 cat.png dog.jpg
+    python -m clients.grpc_client --key-file key_file.json list
+    python -m clients.grpc_client predict cifar10 cat.png dog.jpg
 
 Register and unregister need a server started with ``--enable-model-api`` (off in the shipped
 config, where the served set is fixed at start-up); otherwise TorchServe refuses them with
@@ -29,8 +29,8 @@ from typing import Any
 
 import grpc
 
-from handlers.grpc_stubs import load_stubs
-from handlers.tokens import REFUSAL_MESSAGE, KeyRing, Kind
+from clients.grpc_stubs import load_stubs
+from clients.tokens import REFUSAL_MESSAGE, KeyRing, Kind
 
 # config.properties' management address: where the token API renews expired keys.
 MANAGEMENT_URL = "http://127.0.0.1:8081"
@@ -226,7 +226,7 @@ def _limit(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m handlers.grpc_client", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m clients.grpc_client", description=__doc__.split("\n\n")[0])
     parser.add_argument("--key-file", type=Path, default=Path("key_file.json"),
                         help="key_file.json written by TorchServe in its start directory (default: %(default)s)")
     parser.add_argument("--inference-target", default=INFERENCE_TARGET, help="host:port (default: %(default)s)")

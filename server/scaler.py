@@ -1,43 +1,33 @@
-"""Scales a running TorchServe's models to the serve-time worker plan (handlers.resources).
+"""Scales a running TorchServe's models to the serve-time worker plan (server.plan).
 
 An archive's model-config.yaml only says how many workers start first (1). ``python -m
-handlers.server start`` scales them to the plan once its models are loaded. The container's
+server start`` scales them to the plan once its models are loaded. The container's
 entrypoint starts TorchServe itself (``exec``, so that tini signals it directly), so there this runs
 beside it: it waits until the management API lists the models, scales each one to its planned
 workers through the scale-workers API (allowed with the model API off), says so and exits.
 
-    python -m handlers.scaler --workdir /var/lib/torchserve --config /app/config.effective.properties
+    python -m server.scaler --workdir /var/lib/torchserve --config /app/config.effective.properties
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import requests
 
-from handlers.health import management_json, model_names
-from handlers.resources import ServingPlan, plan_from_environment
-from handlers.tokens import KeyRing
+from clients.management import Management, ScalingError
+from server.config import SHIPPED_CONFIG, read_properties
+from server.plan import ServingPlan, plan_from_environment
 
 
-class ScalingError(RuntimeError):
-    """TorchServe answered a scale request with anything but 200 (its workers did not all start)."""
-
-
-def scale_to_plan(keys: KeyRing, management_url: str, plan: ServingPlan, timeout: float) -> dict[str, int]:
+def scale_to_plan(management: Management, plan: ServingPlan, timeout: float) -> dict[str, int]:
     """Scale every registered model to its planned workers and wait until they run; workers per model."""
     scaled = {}
-    for model in model_names(partial(management_json, keys, management_url, timeout=timeout)):
-        workers = plan.workers_of(model)
-        response = keys.request("management", "PUT", f"{management_url}/models/{model}", timeout=timeout,
-                                params={"min_worker": workers, "max_worker": workers, "synchronous": "true"})
-        if response.status_code != 200:  # 206 "scaling in progress" is not done either
-            raise ScalingError(f"scaling {model} to {workers} worker(s): HTTP {response.status_code} "
-                               f"{response.text.strip()[:300]}")
-        scaled[model] = workers
+    for model in management.models():
+        scaled[model] = plan.workers_of(model)
+        management.scale(model, scaled[model], timeout=timeout)
     return scaled
 
 
@@ -51,13 +41,13 @@ def wait_and_scale(workdir: Path, management_url: str, plan: ServingPlan, timeou
     partial failure is safe.
     """
     deadline = time.monotonic() + timeout
-    keys: KeyRing | None = None
+    management = Management(workdir / "key_file.json", management_url)
     last = "the management API listed no model"
     while True:
         try:
-            keys = keys or KeyRing(workdir / "key_file.json", management_url)
             remaining = max(1.0, min(request_timeout, deadline - time.monotonic()))
-            scaled = scale_to_plan(keys, management_url, plan, timeout=remaining)
+            management.timeout = remaining
+            scaled = scale_to_plan(management, plan, timeout=remaining)
             if scaled:
                 return scaled
         except (OSError, ValueError, KeyError, requests.RequestException, ScalingError) as error:
@@ -68,16 +58,14 @@ def wait_and_scale(workdir: Path, management_url: str, plan: ServingPlan, timeou
 
 
 def main(argv: list[str] | None = None) -> int:
-    from handlers.server import SHIPPED_CONFIG, parse_properties
-
-    parser = argparse.ArgumentParser(prog="python -m handlers.scaler", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m server.scaler", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path.cwd(), help="TorchServe's start directory (key_file.json)")
     parser.add_argument("--config", type=Path, default=SHIPPED_CONFIG,
                         help="TorchServe's config.properties, for its management address (default: the shipped one)")
     parser.add_argument("--timeout", type=float, default=600, help="give up after this many seconds (default: 600)")
     args = parser.parse_args(argv)
     plan = plan_from_environment()
-    management_url = parse_properties(args.config.read_text())["management_address"].rstrip("/")
+    management_url = read_properties(args.config)["management_address"]
     try:
         scaled = wait_and_scale(args.workdir, management_url, plan, args.timeout)
     except TimeoutError as error:

@@ -10,14 +10,27 @@ from pathlib import Path
 
 import pytest
 import requests
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from handlers import resources
-from handlers.resources import (BASE_MEMORY, GIB, THREADS_ENV, WORKER_MEMORY, WORKERS_ENV, ServingPlan,
-                                available_cores, cgroup_memory_limit, cgroup_quota_cores, plan, plan_from_environment,
-                                workers_that_fit)
-from handlers.server import REPO_ROOT, TorchServe
-from handlers.tokens import bearer
+from clients.tokens import bearer
+from server import plan as resources
+from server.config import REPO_ROOT
+from server.launcher import TorchServe
+from server.plan import (
+    BASE_MEMORY,
+    GIB,
+    THREADS_ENV,
+    WORKER_MEMORY,
+    WORKERS_ENV,
+    ServingPlan,
+    available_cores,
+    cgroup_memory_limit,
+    cgroup_quota_cores,
+    plan,
+    plan_from_environment,
+    workers_that_fit,
+)
 from tests.conftest import ports_for
 
 
@@ -127,7 +140,7 @@ def test_the_handler_reads_the_threads_the_server_sets() -> None:
     assert HANDLER_THREADS_ENV == THREADS_ENV
 
 
-ENTRYPOINT_PLAN = 'set -eu; plan="$(python -m handlers.resources)"; eval "$plan"; echo "$CIFAR10_WORKERS $CIFAR10_WORKER_THREADS"'
+ENTRYPOINT_PLAN = 'set -eu; plan="$(python -m server.plan)"; eval "$plan"; echo "$CIFAR10_WORKERS $CIFAR10_WORKER_THREADS"'
 
 
 def run_module(command: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
@@ -155,7 +168,7 @@ def test_the_entrypoint_stops_on_a_bad_override() -> None:
 def test_the_scaler_gives_up_when_no_server_answers_and_says_why(tmp_path: Path) -> None:
     config = tmp_path / "config.properties"
     config.write_text(f"management_address=http://127.0.0.1:{ports_for(18160)['grpc_management_port']}\n")
-    command = [sys.executable, "-m", "handlers.scaler", "--workdir", str(tmp_path), "--config", str(config),
+    command = [sys.executable, "-m", "server.scaler", "--workdir", str(tmp_path), "--config", str(config),
                "--timeout", "2"]
     result = run_module(command, {})
     assert result.returncode == 1
@@ -182,8 +195,8 @@ def test_a_server_started_with_a_plan_runs_its_workers_and_threads(model_store: 
         response = requests.post(f"{server.inference_url}/predictions/cifar10", data=image, timeout=60,
                                  headers=bearer(server.keys["inference"]) | {"Content-Type": "image/png"})
         assert response.status_code == 200 and response.json()["label"] == "cat"
-        # The container's way: handlers.scaler beside a running server, with the entrypoint's exports.
-        scaled = run_module([sys.executable, "-m", "handlers.scaler", "--workdir", str(tmp_path), "--config",
+        # The container's way: server.scaler beside a running server, with the entrypoint's exports.
+        scaled = run_module([sys.executable, "-m", "server.scaler", "--workdir", str(tmp_path), "--config",
                              str(server.effective_config), "--timeout", "60"], {WORKERS_ENV: "3", THREADS_ENV: "1"})
         assert scaled.returncode == 0, scaled.stderr
         assert "cifar10 3" in scaled.stderr and server.ready_workers("cifar10") == 3

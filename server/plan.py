@@ -164,8 +164,8 @@ def plan_from_environment(workers: int | None = None, threads: int | None = None
 
 def main(argv: list[str] | None = None) -> int:
     """Print the plan as shell exports, so that an entrypoint hands the threads to TorchServe's workers
-    and the same numbers to handlers.scaler: ``plan="$(python -m handlers.resources)"; eval "$plan"``."""
-    argparse.ArgumentParser(prog="python -m handlers.resources",
+    and the same numbers to server.scaler: ``plan="$(python -m server.plan)"; eval "$plan"``."""
+    argparse.ArgumentParser(prog="python -m server.plan",
                             description="The serve-time plan for this process's cores, as shell exports.").parse_args(argv)
     try:
         chosen = plan_from_environment()

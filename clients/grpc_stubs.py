@@ -7,7 +7,7 @@ TorchServe upgrade) and with the installed protobuf/grpcio runtime (generated co
 under an older runtime than the one that generated it). The output goes to ``build/grpc/``
 (gitignored) together with a stamp; a changed jar or grpcio-tools regenerates it on next use.
 
-    python -m handlers.grpc_stubs        # generate (or refresh) build/grpc/ and print where
+    python -m clients.grpc_stubs        # generate (or refresh) build/grpc/ and print where
     stubs = load_stubs()                 # in code: generates on first use, then imports
 
 Import-path quirk: protoc's Python output imports its siblings by top-level name
