@@ -82,7 +82,7 @@ faults: venv model-store
 soak: venv model-store
 	$(PY) -m loadtest soak --minutes 10 --report-dir docs
 
-# A fresh clone of HEAD timed to its first correct prediction (docs/FIRST_RUN.md, about 5 minutes; target 300 s).
+# A fresh clone of HEAD timed to its first correct prediction (docs/FIRST_RUN.md; target 300 s).
 # It serves on the shipped ports: stop any running server first.
 first-run: venv
 	$(PY) -m loadtest first-run

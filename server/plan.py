@@ -22,8 +22,8 @@ WORKERS_ENV = "CIFAR10_WORKERS"  # worker processes of the default model
 THREADS_ENV = "CIFAR10_WORKER_THREADS"  # intra-op threads of every worker; the handler reads it
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 GIB = 1 << 30
-# Measured in the image (docs/DEPLOY.md): the JVM with one worker for each of the five archives used
-# 2.43 GiB, each further static INT8 cifar10 worker ~0.41 GiB; rounded up for traffic.
+# Memory of the JVM with one worker for each archive, and of each further cifar10 worker, rounded up
+# for traffic from what docs/DEPLOY.md measured in the image.
 BASE_MEMORY = int(2.5 * GIB)
 WORKER_MEMORY = GIB // 2
 

@@ -26,7 +26,7 @@ from training.model import CLASSES
 MODEL = "cifar10"
 RESPONSE_TIMEOUT_S = 4
 SENDERS = 3  # requests in flight at any moment: the most that a fault may cost
-RECOVERY_BOUND_S = 90  # a new worker starts in ~5-20 s on 2 busy cores
+RECOVERY_BOUND_S = 90  # far above a worker's start on 2 busy cores (docs/FAULTS.md)
 
 
 @pytest.fixture(scope="module")

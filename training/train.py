@@ -29,7 +29,7 @@ from training.engine import evaluate, needs_grad_scaler, train_one_epoch
 from training.model import build_model
 from training.plots import plot_curves
 
-# Recipes. "cpu" fits a 2-core machine (bf16, ~180 images/s) in about 90 minutes (93.48%, docs/TRAINING.md);
+# Recipes. "cpu" fits a 2-core machine (bf16; its time and accuracy are in docs/TRAINING.md);
 # "gpu" is the longer schedule aimed at >= 95% top-1.
 PRESETS: dict[str, dict] = {
     "cpu": dict(epochs=18, batch_size=128, lr=0.1, weight_decay=5e-4, label_smoothing=0.1, warmup=0.2, workers=0),
