@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 , := ,
 export CIFAR10_ROOT
 
-.PHONY: venv train evaluate model-store verify docs grpc serve stop test test-fast loadtest sweep faults soak peers first-run image image-test clean
+.PHONY: venv train evaluate model-store verify docs grpc serve stop test test-fast test-endurance loadtest sweep faults soak peers first-run image image-test clean
 
 # torch and torchvision go first and exactly pinned, so that no resolver ever picks another build.
 venv: $(VENV)/.installed
@@ -60,10 +60,14 @@ stop: venv
 # The store is built (and verified on all 10,000 images) before pytest starts, so that its time is not
 # charged to the first test's timeout; the tests' model_store fixture then finds it current.
 test: venv grpc verify
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not endurance" $(PYTEST_ARGS)
 
 test-fast: venv grpc verify
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not endurance" $(PYTEST_ARGS)
+
+# Tests that wait for real time to pass (keys expiring under load); CI runs them after make test.
+test-endurance: venv grpc verify
+	$(PY) -m pytest -m endurance $(PYTEST_ARGS)
 
 loadtest: venv
 	$(PY) -m loadtest

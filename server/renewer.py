@@ -25,6 +25,8 @@ import requests
 from clients.tokens import KINDS, Kind, read_key_file, request_new_key
 from server.config import read_properties
 
+DEFAULT_EXPIRATION_MIN = 60  # TorchServe's token_expiration_min when the config does not set it
+
 
 def parse_instant(text: str) -> datetime:
     """A Java ``Instant.toString()`` (``2026-11-28T20:26:35.123456789Z``) as an aware datetime."""
@@ -50,27 +52,48 @@ def renew_due(key_file: Path, management_url: str, margin: timedelta, timeout: f
     return due
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.renewer", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, default=Path.cwd(), help="TorchServe's start directory (key_file.json)")
-    parser.add_argument("--config", type=Path, required=True, help="TorchServe's config, for its management address")
-    parser.add_argument("--margin", type=float, default=300, help="renew this many seconds before expiry (default: 300)")
-    parser.add_argument("--interval", type=float, default=30, help="seconds between checks (default: 30)")
-    args = parser.parse_args(argv)
-    if args.margin <= args.interval:
-        parser.error("--margin must exceed --interval, or a key could expire between two checks")
-    management_url = read_properties(args.config)["management_address"]
-    key_file = args.workdir / "key_file.json"
+def check_timing(margin: float, interval: float, lifetime: float) -> None:
+    """Refuse timings that fail: a key could expire between two checks (margin <= interval), or every
+    check would renew keys just made, invalidating each key clients were handed (margin >= lifetime)."""
+    if margin <= interval:
+        raise ValueError(f"--margin ({margin:.0f} s) must exceed --interval ({interval:.0f} s), "
+                         "or a key could expire between two checks")
+    if margin >= lifetime:
+        raise ValueError(f"--margin ({margin:.0f} s) must be shorter than the keys' lifetime "
+                         f"(token_expiration_min: {lifetime:.0f} s), or every check would renew them again")
+
+
+def renew_forever(key_file: Path, management_url: str, margin: timedelta, interval: float) -> None:
+    """Every ``interval`` seconds, renew the keys due within ``margin``; failures are logged and retried."""
     while True:
-        time.sleep(args.interval)
+        time.sleep(interval)
         try:
-            renewed = renew_due(key_file, management_url, timedelta(seconds=args.margin))
+            renewed = renew_due(key_file, management_url, margin)
         except (OSError, ValueError, KeyError, requests.RequestException) as error:
             # TorchServe not up yet (no key file, nothing listening) or restarting: try again later.
             print(f"key renewal skipped: {type(error).__name__}", file=sys.stderr, flush=True)
             continue
         if renewed:
             print(f"renewed the {' and '.join(renewed)} key(s)", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m server.renewer", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=Path.cwd(), help="TorchServe's start directory (key_file.json)")
+    parser.add_argument("--config", type=Path, required=True,
+                        help="TorchServe's config: its management address and token_expiration_min")
+    parser.add_argument("--margin", type=float, default=300, help="renew this many seconds before expiry (default: 300)")
+    parser.add_argument("--interval", type=float, default=30, help="seconds between checks (default: 30)")
+    args = parser.parse_args(argv)
+    properties = read_properties(args.config)
+    lifetime = 60 * float(properties.get("token_expiration_min", DEFAULT_EXPIRATION_MIN))
+    try:
+        check_timing(args.margin, args.interval, lifetime)
+    except ValueError as error:
+        parser.error(str(error))
+    renew_forever(args.workdir / "key_file.json", properties["management_address"], timedelta(seconds=args.margin),
+                  args.interval)
+    return 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
@@ -110,6 +111,7 @@ def renew_in_a_process(args: tuple[str, str, str]) -> str:
     return KeyRing(key_file, management_url).renew("inference", refused)
 
 
+@pytest.mark.endurance
 def test_every_client_keeps_working_across_the_keys_expiry(server: TorchServe, model_store: Path,
                                                           data_root: Path, test_images, tmp_path: Path) -> None:
     """REST and gRPC Locust users (two worker processes each), a long-lived gRPC client, the gRPC CLI,
@@ -164,3 +166,20 @@ def test_the_grpc_cli_renews_a_key_it_finds_expired(server: TorchServe, test_ima
     assert cli.returncode == 0, cli.stderr
     assert json.loads(cli.stdout)[str(tmp_path / "image.png")]["label"] == CLASSES[label]
     assert read_key_file(server.key_file)["inference"] != stale
+
+
+def test_the_health_server_follows_a_restarted_torchserve_and_its_new_keys(server: TorchServe) -> None:
+    """TorchServe restarted in the same directory writes new keys; the running health server, which holds the
+    old ones, must re-read them instead of reporting a serving replica as not ready. Last: it restarts the
+    module's server."""
+    old = read_key_file(server.key_file)
+    assert requests_status(f"{server.health_url}/ready") == 200
+    processes = server.processes()
+    server.torchserve_cli("--stop")  # TorchServe only: the health server keeps running
+    _, alive = psutil.wait_procs(processes, timeout=60)
+    assert not alive and requests_status(f"{server.health_url}/ready") == 503
+    server.start(wait_for=MODELS)
+    new = read_key_file(server.key_file)
+    assert new["management"] != old["management"] and new["inference"] != old["inference"]
+    assert requests_status(f"{server.health_url}/ready") == 200
+    assert requests_status(f"{server.health_url}/live") == 200

@@ -14,6 +14,7 @@ from loadtest.peers.common import ROUTE, archive_handler, classify
 from loadtest.peers.contenders import Contender, RunningPeer, parse_contender
 from loadtest.peers.report import peers_markdown, target_lines
 from loadtest.report import machine
+from tests.conftest import PORT_OFFSET
 from training.model import CLASSES
 
 
@@ -83,22 +84,28 @@ def test_a_peer_answers_exactly_like_the_archives_handler(model_store: Path, tmp
 @pytest.mark.slow
 def test_a_short_benchmark_counts_goodput_as_correct_labels_and_writes_its_report(
         model_store: Path, data_root: Path, tmp_path: Path, test_images: list[tuple[bytes, int]]) -> None:
-    code = peers_main(["--servers", "fastapi-async", "--model-store", str(model_store), "--rounds", "1",
+    """TorchServe and a peer, each under the same short Locust load: every answer counted, only correct ones served."""
+    code = peers_main(["--servers", "torchserve", "fastapi-async", "--model-store", str(model_store), "--rounds", "1",
                        "--users", "2", "--warm-up", "1", "--run-time", "3", "--ceiling-seconds", "0",
                        "--image-pool", "64", "--data-dir", str(data_root), "--output-dir", str(tmp_path / "out"),
-                       "--docs-dir", str(tmp_path), "--report-name", "peers_test"])
+                       "--docs-dir", str(tmp_path), "--report-name", "peers_test", "--port-base", str(18180 + PORT_OFFSET)])
     assert code == 0
-    (result,) = json.loads((tmp_path / "peers_test.json").read_text())["runs"]
-    assert result["failures"] == 0 and result["requests"] > 0
+    runs = {result["server"]: result for result in json.loads((tmp_path / "peers_test.json").read_text())["runs"]}
+    assert set(runs) == {"torchserve", "fastapi-async"}
     # Locust walks the pool in order; what the model gets right there, computed in process, is the goodput.
     pool = [body for body, _ in test_images]  # the first 64 test images, a few of them misclassified
     labels = [answer["label"] for answer in classify(archive_handler(model_store / "cifar10.mar", 1, 1), pool)]
     truth = [CLASSES[label] for _, label in test_images]
     right = [label == true for label, true in zip(labels, truth)]
     assert not all(right)  # else goodput and answers could not be told apart
-    expected = sum(right[i % len(right)] for i in range(result["requests"]))
-    assert abs(result["correct"] - expected) <= 2, (result["correct"], expected)  # up to one request per user in flight
-    assert "| fastapi-async |" in (tmp_path / "PEERS_TEST.md").read_text()
+    for server, result in runs.items():
+        assert result["failures"] == 0 and result["requests"] > 0, server
+        expected = sum(right[i % len(right)] for i in range(result["requests"]))
+        # up to one request per user in flight when the window closes
+        assert abs(result["correct"] - expected) <= 2, (server, result["correct"], expected)
+    assert runs["torchserve"]["settings"]["workers"] >= 1
+    markdown = (tmp_path / "PEERS_TEST.md").read_text()
+    assert "| fastapi-async |" in markdown and "| torchserve |" in markdown
 
 
 def test_a_report_written_while_the_benchmark_runs_lists_only_the_servers_measured_so_far() -> None:

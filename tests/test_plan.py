@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,18 @@ def test_cgroup_v1_quota_and_an_unlimited_one(tmp_path: Path) -> None:
     assert cgroup_quota_cores(tmp_path / "proc", tmp_path / "fs") == 2.0
     write(tmp_path / "fs/cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "-1\n")
     assert cgroup_quota_cores(tmp_path / "proc", tmp_path / "fs") is None
+
+
+def test_cgroup_v1_mounted_at_the_hierarchy_root_inside_a_container(tmp_path: Path) -> None:
+    """Docker on cgroup v1 mounts the container's own cgroup at the hierarchy root: /proc/self/cgroup names
+    /docker/<id>, which does not exist below the mount, and the limits are in the root's files."""
+    write(tmp_path / "proc", "5:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n")
+    write(tmp_path / "fs/cpu,cpuacct/cpu.cfs_quota_us", "150000\n")
+    write(tmp_path / "fs/cpu,cpuacct/cpu.cfs_period_us", "100000\n")
+    write(tmp_path / "fs/memory/memory.limit_in_bytes", f"{3 * GIB}\n")
+    assert not (tmp_path / "fs/cpu,cpuacct/docker").exists()
+    assert cgroup_quota_cores(tmp_path / "proc", tmp_path / "fs") == 1.5
+    assert cgroup_memory_limit(tmp_path / "proc", tmp_path / "fs") == 3 * GIB
 
 
 def test_no_cgroup_information_means_no_quota(tmp_path: Path) -> None:
@@ -109,11 +122,16 @@ def test_by_default_the_hot_model_gets_one_single_threaded_worker_per_core(cores
 def test_overrides_are_kept_and_the_other_value_fills_the_cores(cores: int, workers: int | None,
                                                                  threads: int | None) -> None:
     chosen = plan(cores, workers, threads)
-    assert chosen.default_workers == (workers or chosen.default_workers)
-    assert chosen.threads == (threads or chosen.threads)
-    if workers is None or threads is None:  # the derived value never oversubscribes beyond what was asked for
-        assert chosen.default_workers * chosen.threads <= max(cores, workers or 1, threads or 1)
-        assert chosen.default_workers * chosen.threads > cores - max(workers or 1, threads or 1)
+    if workers is not None:
+        assert chosen.default_workers == workers
+    if threads is not None:
+        assert chosen.threads == threads
+    given_value = workers or threads
+    if given_value is None:
+        assert (chosen.default_workers, chosen.threads) == (cores, 1)
+    elif workers is None or threads is None:  # the derived value fills the cores without oversubscribing them
+        assert chosen.default_workers * chosen.threads <= max(cores, given_value)
+        assert chosen.default_workers * chosen.threads > cores - given_value
 
 
 @pytest.mark.parametrize("workers, threads", [(0, None), (None, 0), (-2, 1)])
@@ -134,13 +152,29 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
         plan_from_environment()
 
 
-def test_the_handler_reads_the_threads_the_server_sets() -> None:
-    from handlers.cifar10_handler import THREADS_ENV as HANDLER_THREADS_ENV  # the archive cannot import resources
+def test_the_handler_reads_the_threads_the_server_sets(model_store: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The served archive's handler, initialised as a worker does it, takes its threads from the variable the
+    plan exports (the archive cannot import server.plan), else from its model-config."""
+    import torch
 
-    assert HANDLER_THREADS_ENV == THREADS_ENV
+    from loadtest.archive import extract, read_archive
+    from loadtest.ceiling import load_handler
+
+    archive = read_archive(model_store / "cifar10.mar")
+    model_dir = extract(archive.path, tmp_path)
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv(THREADS_ENV, "3")
+        service = load_handler(model_dir, archive, batch_size=1)
+        assert service.threads == 3 and service.model.get_session_options().intra_op_num_threads == 3
+        monkeypatch.delenv(THREADS_ENV)
+        assert load_handler(model_dir, archive, batch_size=1).threads == archive.threads != 3
+    finally:
+        torch.set_num_threads(before)
 
 
-ENTRYPOINT_PLAN = 'set -eu; plan="$(python -m server.plan)"; eval "$plan"; echo "$CIFAR10_WORKERS $CIFAR10_WORKER_THREADS"'
+ENTRYPOINT = REPO_ROOT / "deploy" / "docker" / "entrypoint.sh"
 
 
 def run_module(command: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
@@ -149,19 +183,53 @@ def run_module(command: list[str], env: dict[str, str], timeout: float = 60) -> 
     return subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
 
 
+def run_entrypoint(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, Path]:
+    """deploy/docker/entrypoint.sh itself, with a ``torchserve`` first on PATH that records its arguments and
+    the plan it was handed, then exits; the helpers the script starts beside it are stopped afterwards."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    record = tmp_path / "torchserve.txt"
+    (fake / "torchserve").write_text(f'#!/bin/sh\necho "$* | ${WORKERS_ENV} ${THREADS_ENV}" > {record}\n')
+    (fake / "torchserve").chmod(0o755)
+    config = tmp_path / "config.properties"
+    config.write_text(f"management_address=http://127.0.0.1:{ports_for(18160)['management_address'].rsplit(':', 1)[1]}\n"
+                      f"metrics_address=http://127.0.0.1:{ports_for(18160)['metrics_address'].rsplit(':', 1)[1]}\n")
+    port = ports_for(18160)["grpc_inference_port"]
+    environment = {"PATH": f"{fake}:{Path(sys.executable).parent}:/usr/bin:/bin", "TS_WORKDIR": str(tmp_path),
+                   "TS_CONFIG": str(config), "LOG_LOCATION": str(tmp_path / "logs"), "TMPDIR": str(tmp_path),
+                   "HEALTH_BIND": f"127.0.0.1:{port}", "HOME": str(tmp_path)} | env
+    # Files, not pipes: the helpers it leaves running would hold a pipe open after the script's end.
+    with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
+        process = subprocess.Popen(["sh", str(ENTRYPOINT)], env=environment, stdout=stdout, stderr=stderr,
+                                   start_new_session=True)
+    try:
+        process.wait(timeout=60)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)  # the health server, renewer and scaler it left running
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(process.args, process.returncode, (tmp_path / "stdout").read_text(),
+                                       (tmp_path / "stderr").read_text()), record
+
+
 @pytest.mark.parametrize(("env", "exported"), [({}, None), ({WORKERS_ENV: "3"}, "3 1"), ({THREADS_ENV: "2"}, None)])
-def test_the_entrypoint_exports_the_plan_for_the_shell(env: dict[str, str], exported: str | None) -> None:
-    """The container's entrypoint turns the plan into the environment TorchServe hands to its workers."""
+def test_the_entrypoint_hands_the_plan_to_torchserve(tmp_path: Path, env: dict[str, str],
+                                                     exported: str | None) -> None:
+    """The container's entrypoint starts TorchServe in the foreground with the plan in its environment,
+    which TorchServe hands to every worker."""
     chosen = plan_from_environment(int(env.get(WORKERS_ENV, 0)) or None, int(env.get(THREADS_ENV, 0)) or None)
-    result = run_module(["sh", "-c", ENTRYPOINT_PLAN], env)
+    result, record = run_entrypoint(tmp_path, env)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == (exported or f"{chosen.default_workers} {chosen.threads}")
+    arguments, plan_seen = record.read_text().strip().split(" | ")
+    assert arguments == f"--start --foreground --ts-config {tmp_path / 'config.properties'} --ncs"
+    assert plan_seen == (exported or f"{chosen.default_workers} {chosen.threads}")
     assert chosen.describe() in result.stderr
 
 
-def test_the_entrypoint_stops_on_a_bad_override() -> None:
-    result = run_module(["sh", "-c", ENTRYPOINT_PLAN], {WORKERS_ENV: "two"})
-    assert result.returncode != 0 and result.stdout == ""
+def test_the_entrypoint_stops_on_a_bad_override(tmp_path: Path) -> None:
+    result, record = run_entrypoint(tmp_path, {WORKERS_ENV: "two"})
+    assert result.returncode != 0 and not record.exists()  # TorchServe never started
     assert f"{WORKERS_ENV} must be a positive integer, got 'two'" in result.stderr
 
 

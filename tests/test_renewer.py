@@ -1,14 +1,20 @@
-"""The container's key renewer against a real TorchServe whose keys live one minute."""
+"""The container's key renewer (server.renewer) against a real TorchServe whose keys live one minute."""
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 import requests
 
 from clients.tokens import KeyRing, bearer, read_key_file
+from server.config import REPO_ROOT
 from server.launcher import TorchServe
 from server.renewer import parse_instant, renew_due
 from tests.conftest import ports_for
@@ -51,3 +57,81 @@ def test_keys_inside_the_margin_are_renewed_and_the_file_holds_working_ones(serv
     assert ping(server, before["inference"]) == 400 and ping(server, after["inference"]) == 200
     # the client still holds the old key: refused once, it re-reads the file and succeeds
     assert client.request("inference", "GET", f"{server.inference_url}/ping", timeout=10).status_code == 200
+
+
+def age_until_due(server: TorchServe, margin: timedelta) -> None:
+    """Sleep until the inference key expires within ``margin`` (the server's keys live one minute)."""
+    expires = parse_instant(json.loads(Path(server.key_file).read_text())["inference"]["expiration time"])
+    time.sleep(max(0.0, (expires - margin - datetime.now(timezone.utc)).total_seconds()) + 0.5)
+
+
+@pytest.mark.parametrize("order", ["client first", "renewer first", "at once"])
+def test_the_renewer_and_a_client_renewing_one_refused_key_agree_on_one_key(server: TorchServe, order: str) -> None:
+    """Whichever renews first, the other must take its key, not renew it away: a fresh key is not due for
+    the renewer, and a changed key is not the refused one for the client."""
+    margin = timedelta(seconds=50)  # 1-minute keys: due 10 s after they were made
+    age_until_due(server, margin)
+    refused = read_key_file(server.key_file)["inference"]
+    client = KeyRing(server.key_file, server.management_url)
+    if order == "client first":
+        held = client.renew("inference", refused)
+        assert renew_due(server.key_file, server.management_url, margin) == ["management"]  # inference is fresh
+    elif order == "renewer first":
+        assert renew_due(server.key_file, server.management_url, margin) == ["inference", "management"]
+        renewed = read_key_file(server.key_file)["inference"]
+        held = client.renew("inference", refused)
+        assert held == renewed  # taken, not renewed again
+    else:
+        start = threading.Barrier(2)
+
+        def renewer() -> list[str]:
+            start.wait()
+            return renew_due(server.key_file, server.management_url, margin)
+
+        def refused_client() -> str:
+            start.wait()
+            return client.renew("inference", refused)
+
+        with ThreadPoolExecutor(2) as pool:
+            due, held = pool.submit(renewer), pool.submit(refused_client)
+            assert "management" in due.result()
+            held = held.result()
+    assert held != refused and held == read_key_file(server.key_file)["inference"]
+    assert ping(server, held) == 200 and ping(server, refused) == 400
+
+
+def run_renewer(server: TorchServe, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "server.renewer", "--workdir", str(server.workdir), "--config",
+                             str(server.effective_config), *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.parametrize(("margin", "interval", "reason"), [("60", "5", "shorter than the keys' lifetime"),
+                                                            ("5", "5", "must exceed --interval")])
+def test_the_renewer_refuses_a_margin_that_cannot_work(server: TorchServe, margin: str, interval: str,
+                                                       reason: str) -> None:
+    """With 1-minute keys a 60 s margin would renew every key at every check."""
+    process = run_renewer(server, "--margin", margin, "--interval", interval)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 2 and reason in output, output
+
+
+def test_the_renewers_loop_renews_each_key_before_it_expires(server: TorchServe) -> None:
+    before = read_key_file(server.key_file)
+    expires = parse_instant(json.loads(Path(server.key_file).read_text())["inference"]["expiration time"])
+    process = run_renewer(server, "--margin", "50", "--interval", "1")
+    lines: list[str] = []
+    threading.Thread(target=lambda: [lines.append(line) for line in process.stdout], daemon=True).start()
+    try:
+        deadline = time.monotonic() + 40
+        while not any("renewed" in line for line in lines) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        renewed_at = datetime.now(timezone.utc)
+        after = read_key_file(server.key_file)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert "renewed the inference and management key(s)\n" in lines, lines
+    assert after["inference"] != before["inference"] and after["management"] != before["management"]
+    assert renewed_at < expires  # before the old key expired: a client re-reading the file never waits
+    assert ping(server, after["inference"]) == 200
