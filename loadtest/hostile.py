@@ -36,8 +36,6 @@ import psutil
 import requests
 from PIL import Image
 
-from server.config import free_port_overrides
-from server.launcher import TorchServe
 from loadtest.archive import extract, read_archive
 from loadtest.ceiling import import_handler
 from loadtest.entries import request_entry
@@ -45,6 +43,8 @@ from loadtest.images import test_images
 from loadtest.locust_csv import run_stats
 from loadtest.report import machine, machine_line, write_json
 from loadtest.run import LoadSpec, add_own_server_options, run_locust, warm_up
+from server.config import free_port_overrides
+from server.launcher import TorchServe
 
 MAX_BODY = 2 * 2**20  # config.properties' max_request_size
 SIDE = 4096  # the handler's default max_image_pixels is SIDE x SIDE
