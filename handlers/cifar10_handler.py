@@ -40,6 +40,7 @@ import select
 import signal
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -434,7 +435,7 @@ class Cifar10Handler(BaseHandler):
         if self.deadline_s > self.batch_limit_s:
             raise ValueError(f"request_deadline_ms {self.deadline_s * 1000:.0f} must be under half of responseTimeout "
                              f"({response_timeout} s), so that a slow request is refused before TorchServe kills the worker")
-        self.decoder = Decoder(self._decode)
+        self._decoders = threading.local()
         self.max_request_pixels = int(config.get("max_request_pixels", DEFAULT_MAX_REQUEST_PIXELS))
         self.max_images = int(config.get("max_images_per_request", DEFAULT_MAX_IMAGES_PER_REQUEST))
         gpu_id = properties.get("gpu_id")
@@ -467,6 +468,15 @@ class Cifar10Handler(BaseHandler):
             self.run = self._run_torch
         logger.info("loaded %s (%s) on %s with %d thread(s)", model_path.name, self.variant, self.device, self.threads)
         self.initialized = True
+
+    @property
+    def decoder(self) -> Decoder:
+        """This thread's decoder child: one per thread that calls the handler (TorchServe's worker has
+        one; in-process peers and micro-batching call it from several), so that jobs never interleave."""
+        decoder = getattr(self._decoders, "decoder", None)
+        if decoder is None:
+            decoder = self._decoders.decoder = Decoder(self._decode)
+        return decoder
 
     def _onnx_session(self, model_path: Path):
         import onnxruntime as ort
