@@ -194,7 +194,7 @@ def test_the_decode_budget_is_per_request_and_checked_before_decoding(torchserve
         assert alone.status_code == 200 and alone.json()["label"] in CLASSES
 
 
-def test_inputs_that_cost_more_than_their_pixels_are_refused_or_read_within_the_budget(torchserve, good_images, limits,
+def test_inputs_that_cost_more_than_their_pixels_are_refused_or_read_within_the_budget(torchserve, good_images,
                                                                                    answer_bound_s):
     """Every member of the class (loadtest/hostile.py, each as large as 2 MiB allows) beside good requests.
 
