@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 , := ,
 export CIFAR10_ROOT
 
-.PHONY: venv train evaluate model-store verify docs grpc serve stop test test-fast test-endurance loadtest sweep faults soak peers first-run image image-test clean
+.PHONY: venv train evaluate model-store verify docs grpc serve stop test test-fast test-endurance loadtest sweep faults soak hostile peers first-run image image-test clean
 
 # torch and torchvision go first and exactly pinned, so that no resolver ever picks another build.
 venv: $(VENV)/.installed
@@ -85,6 +85,11 @@ faults: venv model-store
 # Memory soak: 10 minutes of steady load, frontend and worker RSS growth per 100k requests.
 soak: venv model-store
 	$(PY) -m loadtest soak --minutes 10 --report-dir docs
+
+# Inputs that cost work beyond their pixels, sent beside steady good traffic for 2 minutes: refusals,
+# good requests' p99 and failures, worker restarts (docs/HOSTILE.md).
+hostile: venv model-store
+	$(PY) -m loadtest hostile --minutes 2 --report-dir docs
 
 # A fresh clone of HEAD timed to its first correct prediction (docs/FIRST_RUN.md; target 300 s).
 # It serves on the shipped ports: stop any running server first.

@@ -14,6 +14,14 @@ docs/SERVING.md), else from the archive's model-config.yaml (``handler.threads``
 threads match the cores instead of oversubscribing them. Input limits come from model-config.yaml too
 (``handler.max_image_pixels`` ...).
 
+Reading a request costs bounded work (docs/SERVING.md, "Work budget"). Structures whose decoding cost
+grows with the file rather than the pixels (JPEG scans, JPEG header segments, PNG chunks) are
+counted before decoding and refused past their limits; and every request's images are opened,
+decoded and shrunk to 32x32 in a child process of the worker (``Decoder``) under a CPU budget and a
+wall-clock deadline. Pillow's decoders run in C and cannot be interrupted, but a child can be
+killed: a request past its CPU budget gets 422, one past its deadline without having used its
+budget (a busy machine) 503 with ``Retry-After``, and the worker goes on with the rest of the batch.
+
 Every request is answered on its own. ``handle()`` is a template method over this handler's steps
 only (BaseHandler's would switch the whole batch to describe/explain on request 0's headers), and
 one boundary per request turns *any* exception while reading that request into its own 4xx with a
@@ -24,17 +32,25 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
+import pickle
 import re
+import select
+import signal
+import socket
+import struct
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms import v2
 from ts.torch_handler.base_handler import BaseHandler
 
 logger = logging.getLogger(__name__)
@@ -43,12 +59,28 @@ IMAGE_SIZE = 32
 # Phones and cameras write JPEGs that PIL reports as MPO (a JPEG with a second, multi-picture frame).
 ACCEPTED_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG"}
 JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_SOS = b"\xff\xda"  # start of scan: every scan of every frame begins with these two bytes
 SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit grayscale PNG
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 # Decode budget per request, summed over its images and checked from their headers before any is
 # decoded: 2 MiB of well-compressed PNG can otherwise ask for 64 x 4096 x 4096 pixels.
 DEFAULT_MAX_REQUEST_PIXELS = 4096 * 4096
 DEFAULT_MAX_IMAGES_PER_REQUEST = 64
+# Work budget per request (model-config.yaml ``handler.request_cpu_budget_ms`` / ``request_deadline_ms``):
+# CPU time its images may cost to open, decode and shrink (past it: 422), and wall-clock time they may
+# take (past it with the CPU budget unspent, the machine is busy: 503 with Retry-After).
+DEFAULT_REQUEST_CPU_BUDGET_MS = 2000
+DEFAULT_REQUEST_DEADLINE_MS = 5000
+# A batch stops reading requests at this fraction of the model's responseTimeout, so that TorchServe
+# never kills the worker for a slow batch: the requests left get 503 with Retry-After.
+BATCH_SHARE_OF_RESPONSE_TIMEOUT = 0.5
+DEFAULT_RESPONSE_TIMEOUT_S = 120  # TorchServe's own default_response_timeout
+# Structures whose decoding cost is not bounded by the pixels, counted before decoding (docs/SERVING.md).
+DEFAULT_MAX_JPEG_SCANS = 100  # libjpeg re-walks every coefficient of a component in each scan
+DEFAULT_MAX_JPEG_HEADER_MARKERS = 65536  # 0xFF bytes before the first scan: Pillow parses each segment in Python
+DEFAULT_MAX_PNG_CHUNKS = 4096  # Pillow reads every chunk in Python; libpng's encoders write 8 KiB IDATs
+DECODER_POLL_S = 0.02  # how often the worker looks at its decoder's CPU time while waiting for it
 PARAMETERS = ("topk",)  # multipart fields that are options, not images
 TOPK_HEADER = "x-topk"  # the same option for a raw-body request (TorchServe does not forward query strings)
 TOPK_PATTERN = re.compile(r"\s*([0-9]{1,4})\s*")
@@ -63,6 +95,24 @@ class BadInput(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class Busy(BadInput):
+    """Not the input's fault: the machine was too busy to read this request in time (503, Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(503, message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one image may be: pixels from its header, and the structures that cost work beyond the pixels."""
+
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS
+    max_jpeg_header_markers: int = DEFAULT_MAX_JPEG_HEADER_MARKERS
+    max_png_chunks: int = DEFAULT_MAX_PNG_CHUNKS
 
 
 def as_bytes(payload: Any) -> bytes:
@@ -80,11 +130,46 @@ def as_bytes(payload: Any) -> bytes:
                         "the body with Content-Type image/png, image/jpeg or application/octet-stream")
 
 
-def open_image(payload: Any, max_pixels: int) -> Image.Image:
-    """PNG/JPEG bytes opened lazily (header only) and checked, or BadInput saying what is wrong."""
-    body = as_bytes(payload)
+def png_chunk_counts(body: bytes, limit: int) -> tuple[int, int]:
+    """(chunks, iCCP chunks) of a PNG, walking chunk headers only and stopping past ``limit`` chunks."""
+    chunks = iccp = 0
+    offset = len(PNG_MAGIC)
+    while offset + 8 <= len(body) and chunks <= limit:
+        length, kind = struct.unpack_from(">I4s", body, offset)
+        chunks += 1
+        iccp += kind == b"iCCP"
+        if kind == b"IEND":
+            break
+        offset += 12 + length  # length, type, data, CRC
+    return chunks, iccp
+
+
+def check_structure(body: bytes, limits: Limits) -> None:
+    """Refuse, before decoding, what would cost work beyond the pixels (docs/SERVING.md, "Work budget")."""
+    if body.startswith(JPEG_MAGIC):
+        first_scan = body.find(JPEG_SOS)
+        markers = body.count(b"\xff", 0, first_scan if first_scan >= 0 else len(body))
+        if markers > limits.max_jpeg_header_markers:
+            raise BadInput(422, f"JPEG header with {markers} marker bytes before its first scan, more than the "
+                                f"limit of {limits.max_jpeg_header_markers}")
+        scans = body.count(JPEG_SOS)  # an upper bound: entropy-coded data never holds 0xFF 0xDA
+        if scans > limits.max_jpeg_scans:
+            raise BadInput(422, f"JPEG with {scans} scans, more than the limit of {limits.max_jpeg_scans} "
+                                "(each scan decodes the whole image again): save it as baseline or standard progressive")
+    elif body.startswith(PNG_MAGIC):
+        chunks, iccp = png_chunk_counts(body, limits.max_png_chunks)
+        if chunks > limits.max_png_chunks:
+            raise BadInput(422, f"PNG with more than {limits.max_png_chunks} chunks")
+        if iccp > 1:
+            raise BadInput(422, f"PNG with {iccp} iCCP chunks (colour profiles): the format allows one")
+
+
+def open_image(body: bytes, limits: Limits) -> Image.Image:
+    """PNG/JPEG bytes checked and opened lazily (header only), or BadInput saying what is wrong."""
     if not body:
         raise BadInput(400, "empty request body: send a PNG or JPEG image")
+    check_structure(body, limits)
+    max_pixels = limits.max_pixels
     try:
         image = Image.open(io.BytesIO(body))
     except UnidentifiedImageError:
@@ -152,6 +237,151 @@ def centre_square(image: Image.Image) -> Image.Image:
     return image.crop((left, top, left + side, top + side))
 
 
+def model_pixels(image: Image.Image) -> bytes:
+    """The decoded image as the model's input, uint8 32x32 RGB (HWC) bytes: the centred square, resized.
+
+    Images already 32x32 (CIFAR itself) skip both. Cropping before resizing keeps the work bounded by
+    the image itself: resizing the short side of a 16777216x1 image to 32 first would ask for a
+    536870912x32 intermediate. Bilinear with antialiasing, as torchvision's Resize does on PIL images.
+    """
+    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+        image = centre_square(image).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8).tobytes()
+
+
+def send_frame(sock: socket.socket, payload: bytes) -> None:
+    sock.sendall(struct.pack(">Q", len(payload)) + payload)
+
+
+def receive_frame(sock: socket.socket) -> bytes:
+    """One length-prefixed frame; EOFError when the other side is gone."""
+    def exactly(count: int) -> bytes:
+        parts, left = [], count
+        while left:
+            part = sock.recv(min(left, 1 << 20))
+            if not part:
+                raise EOFError("decoder connection closed")
+            parts.append(part)
+            left -= len(part)
+        return b"".join(parts)
+
+    (length,) = struct.unpack(">Q", exactly(8))
+    return exactly(length)
+
+
+class Decoder:
+    """A forked child of the worker that runs ``work`` on each job, so that a job can be stopped.
+
+    Pillow decodes in C, which Python cannot interrupt; a process can be killed. The child is forked
+    (not spawned): it starts in milliseconds, shares the worker's memory copy-on-write, and needs no
+    import of its own. It closes every inherited descriptor but its socket (so that the frontend
+    still sees the worker's socket close when the worker dies) and dies with the worker. A job past
+    its CPU budget or its deadline, or one that crashes the child, costs only a new child.
+    """
+
+    def __init__(self, work: Callable[[Any], Any]) -> None:
+        self.work = work
+        self.process: psutil.Process | None = None
+        self.sock: socket.socket | None = None
+
+    def run(self, job: Any, cpu_budget_s: float, deadline: float, retry_after_s: int) -> Any:
+        """``work(job)``'s result from the child, its BadInput re-raised, or BadInput/Busy when stopped.
+
+        ``deadline`` is a ``time.monotonic()`` time; past it, a job that has not spent its CPU budget
+        was slowed down by everything else on the machine, not by its input.
+        """
+        if self.process is None:
+            self._start()
+        try:
+            send_frame(self.sock, pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))
+        except OSError:  # the child died between jobs (killed from outside): a new one takes the job
+            self.stop()
+            self._start()
+            send_frame(self.sock, pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))
+        cpu_start, started = self._cpu_seconds(), time.monotonic()
+        while True:
+            wait = min(DECODER_POLL_S, deadline - time.monotonic())
+            if wait > 0 and select.select([self.sock], [], [], wait)[0]:
+                try:
+                    ok, value = pickle.loads(receive_frame(self.sock))
+                except (EOFError, OSError) as err:
+                    self.stop()
+                    raise BadInput(422, f"this request's image crashed the decoder ({type(err).__name__})")
+                if ok:
+                    return value
+                raise BadInput(*value)
+            used = self._cpu_seconds() - cpu_start
+            if used > cpu_budget_s:
+                self.stop()
+                raise BadInput(422, f"reading this request cost more than its CPU budget of {cpu_budget_s * 1000:.0f} ms "
+                                    "(an image whose decoding costs more than its pixels): send a baseline JPEG or a PNG")
+            if time.monotonic() >= deadline:
+                self.stop()
+                raise Busy(f"the server was too busy to read this request in time ({used * 1000:.0f} ms of CPU "
+                           f"in {time.monotonic() - started:.1f} s): retry later", retry_after_s)
+
+    def _cpu_seconds(self) -> float:
+        try:
+            times = self.process.cpu_times()
+        except psutil.Error:  # already gone: the answer (EOF) is on the socket
+            return 0.0
+        return times.user + times.system
+
+    def _start(self) -> None:
+        parent, child = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into TorchServe's worker loop
+            try:
+                parent.close()
+                keep = child.fileno()
+                os.closerange(3, keep)
+                os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+                die_with_parent()
+                serve_jobs(child, self.work)
+            finally:
+                os._exit(0)
+        child.close()
+        self.sock, self.process = parent, psutil.Process(pid)
+
+    def stop(self) -> None:
+        """Kill and reap the child; the next job starts a new one."""
+        if self.process is None:
+            return
+        self.sock.close()
+        try:
+            os.kill(self.process.pid, signal.SIGKILL)
+            os.waitpid(self.process.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        self.process = self.sock = None
+
+
+def die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent (the worker) exits, even while it is decoding."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        logger.warning("the decoder cannot be tied to its worker's life on this platform")
+
+
+def serve_jobs(sock: socket.socket, work: Callable[[Any], Any]) -> None:
+    """The child's loop: each job answered with (True, result) or (False, (status, message)), until EOF."""
+    while True:
+        try:
+            job = pickle.loads(receive_frame(sock))
+        except EOFError:
+            return
+        try:
+            reply = (True, work(job))
+        except BadInput as err:
+            reply = (False, (err.status, err.message))
+        except Exception as err:  # the boundary, as in preprocess: an input nobody planned for is still its 4xx
+            reply = (False, (400, f"request could not be read: {type(err).__name__}: {err}"))
+        send_frame(sock, pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
+
+
 def parse_topk(value: Any, num_classes: int) -> int:
     """0 when absent; otherwise an integer 1..num_classes written in ASCII digits."""
     if value is None:
@@ -192,7 +422,20 @@ class Cifar10Handler(BaseHandler):
         self.manifest = context.manifest
         config = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
         self.threads = int(os.environ.get(THREADS_ENV) or config.get("threads", 1))
-        self.max_pixels = int(config.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
+        self.limits = Limits(
+            max_pixels=int(config.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)),
+            max_jpeg_scans=int(config.get("max_jpeg_scans", DEFAULT_MAX_JPEG_SCANS)),
+            max_jpeg_header_markers=int(config.get("max_jpeg_header_markers", DEFAULT_MAX_JPEG_HEADER_MARKERS)),
+            max_png_chunks=int(config.get("max_png_chunks", DEFAULT_MAX_PNG_CHUNKS)))
+        self.cpu_budget_s = int(config.get("request_cpu_budget_ms", DEFAULT_REQUEST_CPU_BUDGET_MS)) / 1000
+        self.deadline_s = int(config.get("request_deadline_ms", DEFAULT_REQUEST_DEADLINE_MS)) / 1000
+        response_timeout = int((getattr(context, "model_yaml_config", None) or {}).get("responseTimeout",
+                                                                                     DEFAULT_RESPONSE_TIMEOUT_S))
+        self.batch_limit_s = response_timeout * BATCH_SHARE_OF_RESPONSE_TIMEOUT
+        if self.deadline_s > self.batch_limit_s:  # each request's deadline is capped by its batch's (preprocess)
+            logger.warning("request_deadline_ms %.0f is over half of responseTimeout (%d s): requests get %.1f s at most",
+                           self.deadline_s * 1000, response_timeout, self.batch_limit_s)
+        self._decoders = threading.local()
         self.max_request_pixels = int(config.get("max_request_pixels", DEFAULT_MAX_REQUEST_PIXELS))
         self.max_images = int(config.get("max_images_per_request", DEFAULT_MAX_IMAGES_PER_REQUEST))
         gpu_id = properties.get("gpu_id")
@@ -206,11 +449,16 @@ class Cifar10Handler(BaseHandler):
         self.description = {"variant": self.variant, "classes": self.classes,
                             "checkpoint_test_accuracy": meta.get("checkpoint_test_accuracy"),
                             "accepts": "a PNG or JPEG image as the body, or one per multipart field",
-                            "limits": {"max_image_pixels": self.max_pixels, "max_request_pixels": self.max_request_pixels,
-                                       "max_images_per_request": self.max_images}}
+                            "limits": {"max_image_pixels": self.limits.max_pixels,
+                                       "max_request_pixels": self.max_request_pixels,
+                                       "max_images_per_request": self.max_images,
+                                       "request_cpu_budget_ms": round(self.cpu_budget_s * 1000),
+                                       "request_deadline_ms": round(self.deadline_s * 1000),
+                                       "max_jpeg_scans": self.limits.max_jpeg_scans,
+                                       "max_jpeg_header_markers": self.limits.max_jpeg_header_markers,
+                                       "max_png_chunks": self.limits.max_png_chunks}}
         self.mean = torch.tensor(meta["mean"], device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(meta["std"], device=self.device).view(1, 3, 1, 1)
-        self.resize = v2.Resize((IMAGE_SIZE, IMAGE_SIZE), antialias=True)
 
         if model_path.suffix == ".onnx":
             self.model = self._onnx_session(model_path)
@@ -220,6 +468,15 @@ class Cifar10Handler(BaseHandler):
             self.run = self._run_torch
         logger.info("loaded %s (%s) on %s with %d thread(s)", model_path.name, self.variant, self.device, self.threads)
         self.initialized = True
+
+    @property
+    def decoder(self) -> Decoder:
+        """This thread's decoder child: one per thread that calls the handler (TorchServe's worker has
+        one; in-process peers and micro-batching call it from several), so that jobs never interleave."""
+        decoder = getattr(self._decoders, "decoder", None)
+        if decoder is None:
+            decoder = self._decoders.decoder = Decoder(self._decode)
+        return decoder
 
     def _onnx_session(self, model_path: Path):
         import onnxruntime as ort
@@ -252,23 +509,18 @@ class Cifar10Handler(BaseHandler):
         context.metrics.add_time("HandlerTime", round((time.time() - start) * 1000, 2), None, "ms")
         return output
 
-    def to_tensor(self, image: Image.Image) -> torch.Tensor:
-        """uint8 (3, 32, 32): the centred square, resized; images already 32x32 (CIFAR itself) skip both.
-
-        Cropping before resizing keeps the work bounded by the image itself: resizing the short side
-        of a 16777216x1 image to 32 first would ask for a 536870912x32 intermediate.
-        """
-        if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-            image = self.resize(centre_square(image))
-        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-
     def preprocess(self, data: list[Any]) -> tuple[torch.Tensor | None, list[Slot]]:
-        """Read every request behind its own boundary: whatever one request holds, it fails alone."""
+        """Read every request behind its own boundary: whatever one request holds, it fails alone.
+
+        The batch as a whole stops reading at ``batch_limit_s`` (half the responseTimeout): the
+        requests left are answered 503 with Retry-After instead of the worker being killed.
+        """
+        batch_deadline = time.monotonic() + self.batch_limit_s
         images: list[torch.Tensor] = []
         slots: list[Slot] = []
         for idx, request in enumerate(data):
             try:
-                slot, decoded = self._read(idx, request)
+                slot, decoded = self._read(idx, request, batch_deadline)
             except BadInput as err:
                 slot, decoded = Slot(error=err), []
             except Exception as err:  # the boundary: an input nobody planned for is still that request's 4xx
@@ -287,7 +539,7 @@ class Cifar10Handler(BaseHandler):
         headers = self.context.get_all_request_header(idx) or {}
         return {str(name).lower(): value for name, value in headers.items() if isinstance(value, str)}
 
-    def _read(self, idx: int, request: Any) -> tuple[Slot, list[torch.Tensor]]:
+    def _read(self, idx: int, request: Any, batch_deadline: float) -> tuple[Slot, list[torch.Tensor]]:
         """One request's answer slot and decoded images; raises BadInput for anything wrong with it."""
         headers = self._headers(idx)
         if headers.get("describe", "").strip().lower() == "true":
@@ -303,13 +555,30 @@ class Cifar10Handler(BaseHandler):
             raise BadInput(413, f"{len(fields)} images in one request, more than the limit of {self.max_images}")
         topk = parse_topk(request["topk"] if "topk" in request else headers.get(TOPK_HEADER), len(self.classes))
         multi = len(fields) > 1
-        opened = [self._field(name, multi, open_image, value, self.max_pixels) for name, value in fields]
+        job = ([(name, self._field(name, multi, as_bytes, value)) for name, value in fields], multi)
+        now = time.monotonic()
+        if now >= batch_deadline:
+            raise Busy(f"the batch this request came in ran out of time ({self.batch_limit_s:.0f} s): retry later",
+                       math.ceil(self.deadline_s))
+        pixels = self.decoder.run(job, self.cpu_budget_s, min(now + self.deadline_s, batch_deadline),
+                                  math.ceil(self.deadline_s))
+        decoded = [torch.frombuffer(bytearray(rgb), dtype=torch.uint8).view(IMAGE_SIZE, IMAGE_SIZE, 3).permute(2, 0, 1)
+                   for rgb in pixels]
+        return Slot(multi=multi, topk=topk), decoded
+
+    def _decode(self, job: tuple[list[tuple[str, bytes]], bool]) -> list[bytes]:
+        """In the decoder child: one request's images opened, checked, decoded and shrunk to the model's input.
+
+        Every image's size is read from its header first, so that the per-request pixel budget is
+        checked before any of them is decoded.
+        """
+        fields, multi = job
+        opened = [self._field(name, multi, open_image, body, self.limits) for name, body in fields]
         total = sum(image.width * image.height for image in opened)
         if total > self.max_request_pixels:
             raise BadInput(413, f"{len(opened)} image(s) of {total} pixels in all, more than the limit of "
                                 f"{self.max_request_pixels} per request")
-        decoded = [self.to_tensor(self._field(name, multi, load_rgb, image)) for (name, _), image in zip(fields, opened)]
-        return Slot(multi=multi, topk=topk), decoded
+        return [model_pixels(self._field(name, multi, load_rgb, image)) for (name, _), image in zip(fields, opened)]
 
     @staticmethod
     def _field(name: str, multi: bool, step, *args):
@@ -360,8 +629,10 @@ class Cifar10Handler(BaseHandler):
                     slot.error = BadInput(500, f"the answer could not be built: {type(err).__name__}")
             error = slot.error
             self.context.set_response_status(error.status, status_phrase(error.message), idx=idx)
-            responses.append({"code": error.status, "type": "BadInput" if error.status < 500 else "InternalServerError",
-                              "message": error.message})
+            if isinstance(error, Busy):
+                self.context.set_response_header(idx, "Retry-After", str(error.retry_after_s))
+            kind = "Busy" if isinstance(error, Busy) else "BadInput" if error.status < 500 else "InternalServerError"
+            responses.append({"code": error.status, "type": kind, "message": error.message})
         return responses
 
     def _answer(self, probabilities: torch.Tensor | None, slot: Slot) -> Any:

@@ -3,18 +3,24 @@
 Against a real TorchServe (conftest's production instance, batch size 8): bad and good requests are
 sent at the same moment so that they share batches, and every good neighbour must come back 200
 with its *correct* label, not just any answer. Hand-picked inputs first (the ones that used to fail
-their whole batch with 503 "Prediction failed"), then hypothesis: random and mutated bodies, content
-types, headers and multipart fields.
+their whole batch with 503 "Prediction failed"), the inputs whose decoding costs more than their
+pixels (loadtest/hostile.py), then hypothesis: random, mutated and costly bodies, content types,
+headers and multipart fields. Every request must be answered well within the model's responseTimeout,
+by the same worker process.
 """
 from __future__ import annotations
 
 import io
 import json
+import os
 import random
+import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 import torch
@@ -23,6 +29,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from clients.tokens import bearer
+from handlers.cifar10_handler import png_chunk_counts
+from loadtest import hostile
 from loadtest.archive import extract, read_archive
 from loadtest.ceiling import import_handler
 from server.launcher import TorchServe
@@ -44,10 +52,30 @@ class Request:
 
 
 def send(server: TorchServe, request: Request) -> requests.Response:
+    """The answer, with ``elapsed_s``: seconds from sending to the whole answer (``elapsed`` stops at the headers)."""
     headers = {"Content-Type": "application/octet-stream"} if request.files is None else {}
     headers |= request.headers | bearer(server.keys["inference"])
-    return requests.post(f"{server.inference_url}/{request.path}/{MODEL}", data=request.body, files=request.files,
-                         headers=headers, timeout=120)
+    start = time.monotonic()
+    response = requests.post(f"{server.inference_url}/{request.path}/{MODEL}", data=request.body, files=request.files,
+                             headers=headers, timeout=120)
+    response.elapsed_s = time.monotonic() - start
+    return response
+
+
+@pytest.fixture(scope="module")
+def answer_bound_s(torchserve: TorchServe) -> float:
+    """What every request must be answered within: the handler's per-batch limit, half the model's responseTimeout.
+
+    Well under the responseTimeout past which TorchServe would kill the worker, whatever the batch holds.
+    """
+    return torchserve.describe(MODEL)["responseTimeout"] / 2
+
+
+@pytest.fixture(scope="module")
+def limits(torchserve: TorchServe) -> dict[str, int]:
+    """The input limits the served handler reports (``describe``), so that the tests follow the archive's config."""
+    response = send(torchserve, Request(b"", {"describe": "True"}))
+    return response.json()["limits"]
 
 
 def send_together(server: TorchServe, batch: list[Request]) -> list[requests.Response]:
@@ -74,9 +102,18 @@ def is_json_error(response: requests.Response) -> bool:
     return body["code"] == response.status_code and body["type"] == "BadInput" and isinstance(body["message"], str)
 
 
+def worker_pids(server: TorchServe) -> list[int]:
+    return [worker["pid"] for worker in server.describe(MODEL)["workers"]]
+
+
 def check_batch(server: TorchServe, bad: list[Request], good_images: list[tuple[bytes, str]],
-                rng: random.Random) -> list[requests.Response]:
-    """Send ``bad`` interleaved with good requests; every good one must get its label. Returns the bad answers."""
+                rng: random.Random, bound_s: float | None = None) -> list[requests.Response]:
+    """Send ``bad`` interleaved with good requests; every good one must get its label. Returns the bad answers.
+
+    With ``bound_s``, every request (good or bad) must also be answered within that many seconds, and
+    the model's workers must be the same processes afterwards (none killed or restarted).
+    """
+    workers = worker_pids(server) if bound_s is not None else None
     good = rng.sample(good_images, GOOD_PER_BATCH)
     plan = [(Request(body), label) for body, label in good] + [(request, i) for i, request in enumerate(bad)]
     rng.shuffle(plan)
@@ -88,6 +125,10 @@ def check_batch(server: TorchServe, bad: list[Request], good_images: list[tuple[
             assert response.json()["label"] == expected
         else:
             answers[expected] = response
+    if bound_s is not None:
+        slow = [(round(response.elapsed_s, 1), response.status_code) for response in responses if response.elapsed_s > bound_s]
+        assert not slow, f"answered after more than {bound_s} s: {slow}"
+        assert worker_pids(server) == workers, "the worker was restarted"
     return answers
 
 
@@ -151,6 +192,47 @@ def test_the_decode_budget_is_per_request_and_checked_before_decoding(torchserve
     for body in (big, png_header_only(limit, 1), png_header_only(1, limit)):
         alone = send(torchserve, Request(body))
         assert alone.status_code == 200 and alone.json()["label"] in CLASSES
+
+
+def test_inputs_that_cost_more_than_their_pixels_are_refused_or_read_within_the_budget(torchserve, good_images,
+                                                                                   answer_bound_s):
+    """Every member of the class (loadtest/hostile.py, each as large as 2 MiB allows) beside good requests.
+
+    The structures that make decoding cost grow with the file are refused with 422 before decoding;
+    the costliest images that are within every limit are classified; none holds up its batch or the worker.
+    """
+    inputs = hostile.hostile_inputs()
+    cases = list(inputs.items())
+    for start in range(0, len(cases), 3):  # three at a time beside the good ones, so that they share batches
+        chunk = cases[start:start + 3]
+        answers = check_batch(torchserve, [Request(body) for _, body in chunk], good_images, random.Random(start),
+                              answer_bound_s)
+        for (name, body), response in zip(chunk, answers):
+            if name.startswith(("JPEG: progressive", "JPEG: 500k", "JPEG: 2 MiB", "PNG: 170k", "PNG: ~2000 iCCP")):
+                assert response.status_code == 422 and is_json_error(response), (name, response.text)
+            elif name.startswith("PNG: ~2000 zTXt"):  # Pillow's own MAX_TEXT_MEMORY refuses it
+                assert response.status_code == 400 and "MAX_TEXT_MEMORY" in response.json()["message"], (name, response.text)
+            else:
+                assert response.status_code == 200 and response.json()["label"] in CLASSES, (name, response.text)
+
+
+def test_each_structural_limit_is_where_the_handler_says(torchserve, good_images, limits, answer_bound_s):
+    """At each limit an image is read; one past it is refused with 422 naming the limit."""
+    scans, markers, chunks = limits["max_jpeg_scans"], limits["max_jpeg_header_markers"], limits["max_png_chunks"]
+    # jpeg_scans(n) has n AC scans plus its DC scan; jpeg_header_segments(n) adds n marker bytes to the header's own.
+    header_own = hostile.jpeg_header_segments(0).split(b"\xff\xda")[0].count(b"\xff")
+    chunks_own, _ = png_chunk_counts(hostile.png_chunks(0), chunks)  # IHDR, IDAT, IEND
+    at = [hostile.jpeg_scans(scans - 1, 256), hostile.jpeg_header_segments(markers - header_own),
+          hostile.png_chunks(chunks - chunks_own)]
+    past = [hostile.jpeg_scans(scans, 256), hostile.jpeg_header_segments(markers - header_own + 1),
+            hostile.png_chunks(chunks - chunks_own + 1), hostile.png_iccp(2)]
+    answers = check_batch(torchserve, [Request(body) for body in at + past], good_images, random.Random(3), answer_bound_s)
+    for response in answers[:len(at)]:
+        assert response.status_code == 200, response.text
+    messages = [f"{scans + 1} scans, more than the limit of {scans}", f"more than the limit of {markers}",
+                f"more than {chunks} chunks", "2 iCCP chunks"]
+    for response, message in zip(answers[len(at):], messages):
+        assert response.status_code == 422 and message in response.json()["message"], response.text
 
 
 def photo(body: bytes) -> Image.Image:
@@ -244,6 +326,14 @@ def any_body(data: st.DataObject, seeds: list[bytes]) -> bytes:
         st.sampled_from(seeds).map(lambda seed: mutated(data, seed)),
         st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", encode(Image.new("RGB", (2, 2)), "GIF"),
                          png_header_only(5000, 5000), png_header_only(1, 1)]),
+        # decoding that costs more than the pixels (loadtest/hostile.py), on both sides of the limits
+        st.builds(hostile.jpeg_scans, st.integers(0, 300), st.sampled_from([8, 512, 4096])),
+        st.builds(hostile.jpeg_header_segments, st.integers(0, 100_000)),
+        st.builds(hostile.jpeg_fill_bytes, st.integers(0, 100_000)),
+        st.builds(hostile.png_chunks, st.integers(0, 8192)),
+        st.builds(hostile.png_idat_chunks, st.integers(0, 8192)),
+        st.builds(hostile.png_iccp, st.integers(0, 3)),
+        st.builds(hostile.png_ztxt, st.integers(0, 80)),
     ))
 
 
@@ -267,15 +357,15 @@ def bad_request(data: st.DataObject, seeds: list[bytes]) -> Request:
 @settings(max_examples=40, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
 @given(data=st.data())
-def test_no_input_fails_its_batch_or_gets_a_5xx(torchserve, good_images, data):
-    """Random and mutated bodies, headers and multipart fields beside good requests in the same batches."""
-    workers = [worker["pid"] for worker in torchserve.describe(MODEL)["workers"]]
+def test_no_input_fails_its_batch_or_gets_a_5xx(torchserve, good_images, answer_bound_s, data):
+    """Random, mutated and costly bodies, headers and multipart fields beside good requests in the same batches:
+    no 5xx, good neighbours their correct label, every request answered within the bound, the same worker."""
     seeds = [body for body, _ in good_images[:4]] + [jpeg(photo(good_images[0][0]))]
     bad = [bad_request(data, seeds) for _ in range(data.draw(st.integers(1, 3)))]
-    for request, response in zip(bad, check_batch(torchserve, bad, good_images, random.Random(data.draw(st.integers())))):
+    answers = check_batch(torchserve, bad, good_images, random.Random(data.draw(st.integers())), answer_bound_s)
+    for request, response in zip(bad, answers):
         assert response.status_code < 500, (request, response.status_code, response.text)
         assert response.status_code == 200 or is_json_error(response), (request, response.status_code, response.text)
-    assert [worker["pid"] for worker in torchserve.describe(MODEL)["workers"]] == workers, "the worker was restarted"
 
 
 # ------------------------------------------------------------------------------ a model step that fails
@@ -305,3 +395,49 @@ def test_when_the_model_fails_on_one_request_only_that_request_fails(model_store
     answers = service.postprocess(service.inference(service.preprocess(requests_)))
     assert [answers[i]["label"] for i in (0, 2, 3)] == [good_images[i][1] for i in range(3)]
     assert answers[1]["code"] == 500 and context.get_response_status(1)[0] == 500
+
+
+# --------------------------------------------------------------------- the work budget's hard stop
+
+def answer_in_process(service, bodies: list[bytes]) -> list[tuple[int, dict[str, str], dict]]:
+    """(status, response headers, answer) of each body, sent as one batch to an in-process handler."""
+    from ts.context import RequestProcessor
+
+    service.context.request_processor = [RequestProcessor({}) for _ in bodies]
+    answers = service.postprocess(service.inference(service.preprocess([{"body": body} for body in bodies])))
+    return [(service.context.get_response_status(i)[0], service.context.get_response_headers(i), answer)
+            for i, answer in enumerate(answers)]
+
+
+def test_a_request_past_its_cpu_budget_or_deadline_fails_alone(model_store: Path, tmp_path: Path, good_images) -> None:
+    """The archived handler in-process, its scan limit lifted: an input no structural check knows is stopped.
+
+    A progressive JPEG with 20,000 scans (minutes of decoding) gets 422 once its decoder has spent
+    the CPU budget; a decoder that gets no CPU at all (stopped, as on a machine too busy to run it)
+    gets 503 with Retry-After at the deadline. The neighbours are classified; a new decoder takes over.
+    """
+    budget_ms, deadline_ms = 200, 3000
+    service = hostile.archived_service(model_store, MODEL, tmp_path, {
+        "max_jpeg_scans": 10**9, "request_cpu_budget_ms": budget_ms, "request_deadline_ms": deadline_ms})
+    good = [body for body, _ in good_images[:2]]
+    labels = [label for _, label in good_images[:2]]
+    answer_in_process(service, [good[0]])
+    first = service.decoder.process.pid
+    start = time.monotonic()
+    answers = answer_in_process(service, [good[0], hostile.jpeg_scans(20_000), good[1]])
+    assert time.monotonic() - start < deadline_ms / 1000
+    assert [answers[0][2]["label"], answers[2][2]["label"]] == labels
+    status, _, answer = answers[1]
+    assert status == 422 and f"CPU budget of {budget_ms} ms" in answer["message"]
+    assert not psutil.pid_exists(first) and service.decoder.process.pid != first  # killed, and replaced
+
+    stopped = service.decoder.process.pid
+    os.kill(stopped, signal.SIGSTOP)
+    start = time.monotonic()
+    answers = answer_in_process(service, [good[0], good[1]])
+    assert time.monotonic() - start >= deadline_ms / 1000
+    (status, headers, answer), (_, _, neighbour) = answers
+    assert status == 503 and answer["type"] == "Busy" and headers["Retry-After"] == str(-(-deadline_ms // 1000))
+    assert neighbour["label"] == labels[1] and service.decoder.process.pid != stopped
+    assert not psutil.pid_exists(stopped)
+    service.decoder.stop()
