@@ -95,7 +95,7 @@ def summary_table(report: dict[str, Any], client: str) -> list[str]:
 
 def round_table(report: dict[str, Any]) -> list[str]:
     lines = ["| round | server | processes x threads | Locust goodput/s | correct/answers | p50 / p99 ms | failures | "
-             "cores: server / Locust / other | wrk answers/s | p50 / p99 ms | not 2xx | cores: server / wrk / other |",
+             "cores: server / Locust / other | wrk answers/s | p50 / p99 ms | not 2xx or socket errors | cores: server / wrk / other |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in report["runs"]:
         cells = []
