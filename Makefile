@@ -120,10 +120,11 @@ image:
 image-test: venv grpc
 	CIFAR10_TEST_IMAGE=$(IMAGE) DOCKER=$(DOCKER) $(PY) -m pytest tests/test_image.py $(PYTEST_ARGS)
 
-# TorchServe as shipped against LitServe and FastAPI/uvicorn on the same archive (docs/PEERS.md, about 15 min).
+# TorchServe as shipped against FastAPI/uvicorn, LitServe, Ray Serve and BentoML on the same archive, loaded by
+# Locust and then by wrk (docs/PEERS.md, about 35 min). wrk is Debian's: apt-get install wrk.
 peers: venv model-store
 	$(PY) -m pip install --quiet -e '.[bench]'
-	$(PY) -m loadtest peers --rounds 3 --users 16 --warm-up 10 --run-time 30
+	$(PY) -m loadtest peers --rounds 3 --users 16 --warm-up 20 --run-time 30 --wrk-time 30
 
 clean:
 	rm -rf build runs logs key_file.json model_store/*.mar model_store/export-stamp.json

@@ -1,20 +1,23 @@
-"""docs/PEERS.md from ``python -m loadtest peers``: per server and per round, the target, the setup.
+"""docs/PEERS.md from ``python -m loadtest peers``: per server, client and round, the targets, the setup.
 
-The method behind it (what goodput, cores and the ceiling mean) is prose in docs/LOADTEST.md, not here."""
+The method behind it (goodput, the two clients, cores, the pipeline per CPU-second) is prose in
+docs/LOADTEST.md, not here."""
 from __future__ import annotations
 
 from statistics import median
 from typing import Any
 
+from loadtest.peers.contenders import SHIPPED
 from loadtest.report import machine_line
 
-SHIPPED = "torchserve"  # the contender that is the product; every other torchserve:... is an experiment
-GOODPUT_TARGET = 1.1  # shipped goodput over the best peer's, at equal or lower p99
-CEILING_TARGET = 0.9  # served answers/s over the in-process pipeline ceiling with the same workers x threads
+GOODPUT_TARGET = 1.1  # the shipped TorchServe's rate over the best peer's, at equal or lower p99, 0 failures
+PER_CPU_TARGET = 0.85  # its answers per CPU-second of its own processes over the in-process pipeline's
+MIN_ROUNDS = 3  # the targets are judged on medians over at least this many alternating rounds
+CLIENTS = {"locust": "Locust (goodput: correct labels/s)", "wrk": "wrk (answers/s; labels not checked)"}
 
 
 def _span(values: list[float | None], digits: int = 0) -> str:
-    """``low-high`` over the rounds; Locust has no percentiles for a server that never answered."""
+    """``low-high`` over the rounds; a client has no percentiles for a server that never answered."""
     values = [value for value in values if value is not None]
     if not values:
         return "n/a"
@@ -22,13 +25,34 @@ def _span(values: list[float | None], digits: int = 0) -> str:
     return f"{low:.{digits}f}" if round(low, digits) == round(high, digits) else f"{low:.{digits}f}-{high:.{digits}f}"
 
 
-def _cores(runs: list[dict[str, Any]], key: str) -> str:
-    values = [run["cpu_cores"][key] for run in runs if run["cpu_cores"]]
-    return _span(values, 2) if values else "n/a"
+def _median(values: list[float | None]) -> float | None:
+    values = [value for value in values if value is not None]
+    return median(values) if values else None
 
 
-def _settings(settings: dict[str, Any]) -> str:
-    return ", ".join(f"{key} {value}" for key, value in settings.items())
+def view(run: dict[str, Any], client: str) -> dict[str, Any] | None:
+    """One run as one client saw it: its rate (goodput for Locust), answers/s, latency, failures, cores;
+    None where that client did not measure the run."""
+    if client == "locust":
+        return {"rate": run["goodput_per_s"], "answers": run["requests_per_s"], "latency_ms": run["latency_ms"],
+                "failures": run["failures"], "requests": run["requests"], "cores": run["cpu_cores"]}
+    wrk = run.get("wrk")
+    if not wrk:
+        return None
+    return {"rate": wrk["requests_per_s"], "answers": wrk["requests_per_s"], "latency_ms": wrk["latency_ms"],
+            "failures": wrk["non_2xx"] + wrk["socket_errors"], "requests": wrk["requests"], "cores": wrk["cpu_cores"]}
+
+
+def per_cpu(seen: dict[str, Any]) -> float | None:
+    """Answers per CPU-second of the server's own processes."""
+    cores = (seen["cores"] or {}).get("server")
+    return seen["answers"] / cores if cores else None
+
+
+def inference_of(runs: list[dict[str, Any]]) -> str:
+    """Inference processes x threads as counted in the runs (the same in every run, or each one listed)."""
+    shapes = sorted({f"{run['inference']['processes']} x {run['inference']['threads']}" for run in runs if run.get("inference")})
+    return " / ".join(shapes) or "n/a"
 
 
 def by_server(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
@@ -37,43 +61,71 @@ def by_server(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return {name: server_runs for name, server_runs in runs.items() if server_runs}
 
 
-def rounds_done(report: dict[str, Any]) -> str:
-    """Rounds measured, and how many were asked for when the run was cut short."""
-    done = max((run["round"] for run in report["runs"]), default=0)
-    return str(done) if done == report["rounds"] else f"{done} (of {report['rounds']} asked for)"
+def rounds_done(report: dict[str, Any]) -> int:
+    return max((run["round"] for run in report["runs"]), default=0)
 
 
-def versus_shipped(report: dict[str, Any], runs: list[dict[str, Any]]) -> str:
-    """Median over rounds of this server's goodput over the shipped TorchServe's in the same round."""
-    shipped = {run["round"]: run["goodput_per_s"] for run in report["runs"] if run["server"] == SHIPPED}
-    ratios = [run["goodput_per_s"] / shipped[run["round"]] for run in runs if shipped.get(run["round"])]
+def versus_shipped(report: dict[str, Any], runs: list[dict[str, Any]], client: str) -> str:
+    """Median over rounds of this server's rate over the shipped TorchServe's in the same round."""
+    shipped = {run["round"]: view(run, client) for run in report["runs"] if run["server"] == SHIPPED}
+    ratios = [seen["rate"] / shipped[run["round"]]["rate"] for run in runs
+              if (seen := view(run, client)) and shipped.get(run["round"]) and shipped[run["round"]]["rate"]]
     return f"{median(ratios):.2f}" if ratios else "n/a"
 
 
-def summary_table(report: dict[str, Any]) -> list[str]:
-    lines = ["| server | settings | goodput/s | vs shipped | answers/s | p50 ms | p99 ms | failures | cores: server | Locust "
-             "| other |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+def summary_table(report: dict[str, Any], client: str) -> list[str]:
+    lines = ["| server | processes x threads | settings | rate/s (median) | vs shipped | p50 ms | p99 ms | failures | "
+             "cores: server | answers per server CPU-s | cores: client | other |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, runs in by_server(report).items():
+        seen = [s for run in runs if (s := view(run, client))]
+        if not seen:
+            continue
+        cores = [s["cores"] for s in seen if s["cores"]]
         lines.append(
-            f"| {name} | {_settings(runs[0]['settings'])} | {_span([r['goodput_per_s'] for r in runs])} "
-            f"(median {median(r['goodput_per_s'] for r in runs):.0f}) | {versus_shipped(report, runs)} | "
-            f"{_span([r['requests_per_s'] for r in runs])} | "
-            f"{_span([r['latency_ms']['p50'] for r in runs])} | {_span([r['latency_ms']['p99'] for r in runs])} | "
-            f"{sum(r['failures'] for r in runs)}/{sum(r['requests'] for r in runs)} | {_cores(runs, 'server')} | "
-            f"{_cores(runs, 'locust')} | {_cores(runs, 'other')} |")
+            f"| {name} | {inference_of(runs)} | {', '.join(f'{k} {v}' for k, v in runs[0]['settings'].items())} | "
+            f"{_span([s['rate'] for s in seen])} (median {median(s['rate'] for s in seen):.0f}) | "
+            f"{versus_shipped(report, runs, client)} | {_span([s['latency_ms'].get('p50') for s in seen])} | "
+            f"{_span([s['latency_ms'].get('p99') for s in seen])} | {sum(s['failures'] for s in seen)}/"
+            f"{sum(s['requests'] for s in seen)} | {_span([c['server'] for c in cores], 2)} | "
+            f"{_span([per_cpu(s) for s in seen])} | {_span([c['client'] for c in cores], 2)} | "
+            f"{_span([c['other'] for c in cores], 2)} |")
     return lines
 
 
 def round_table(report: dict[str, Any]) -> list[str]:
-    lines = ["| round | server | goodput/s | correct/answers | p50 ms | p99 ms | failures | cores: server / Locust / other |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| round | server | processes x threads | Locust goodput/s | correct/answers | p50 / p99 ms | failures | "
+             "cores: server / Locust / other | wrk answers/s | p50 / p99 ms | not 2xx or socket errors | cores: server / wrk / other |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in report["runs"]:
-        cores = run["cpu_cores"] or {}
-        lines.append(f"| {run['round']} | {run['server']} | {run['goodput_per_s']:.1f} | {run['correct']}/{run['requests']} | "
-                     f"{_span([run['latency_ms']['p50']])} | {_span([run['latency_ms']['p99']])} | {run['failures']} | "
-                     f"{cores.get('server', 'n/a')} / {cores.get('locust', 'n/a')} / {cores.get('other', 'n/a')} |")
+        cells = []
+        for client in CLIENTS:
+            seen = view(run, client)
+            if seen is None:
+                cells.append("n/a | n/a | n/a | n/a")
+                continue
+            cores = seen["cores"] or {}
+            cells.append(f"{_span([seen['latency_ms'].get('p50')])} / {_span([seen['latency_ms'].get('p99')])} | "
+                         f"{seen['failures']} | {cores.get('server', 'n/a')} / {cores.get('client', 'n/a')} / "
+                         f"{cores.get('other', 'n/a')}")
+        wrk_rate = f"{run['wrk']['requests_per_s']:.1f}" if run.get("wrk") else "n/a"
+        lines.append(f"| {run['round']} | {run['server']} | {inference_of([run])} | {run['goodput_per_s']:.1f} | "
+                     f"{run['correct']}/{run['requests']} | {cells[0]} | {wrk_rate} | {cells[1]} |")
     return lines
+
+
+def ceiling_lines(report: dict[str, Any]) -> list[str]:
+    if not report["ceilings"]:
+        return []
+    first = report["ceilings"][0]
+    rows = [f"| {c['round']} | {c['pipeline_images_per_s']:.0f} | {c['pipeline_images_per_cpu_s']:.0f} | "
+            f"{c['model_images_per_s']:.0f} |" for c in report["ceilings"]]
+    return ["## In-process pipeline", "",
+            f"The archive's handler in process (PNG decode, preprocessing, model, answer JSON; no HTTP, no client) with "
+            f"{first['processes']} process(es) x {first['threads']} thread(s) at batch {first['batch_size']}, after each "
+            "round:", "",
+            "| round | images/s (fastest window) | images per CPU-second | model alone, images/s |", "|---|---|---|---|",
+            *rows, ""]
 
 
 def error_lines(report: dict[str, Any]) -> list[str]:
@@ -81,53 +133,57 @@ def error_lines(report: dict[str, Any]) -> list[str]:
     return ["", "Servers that did not start or failed during their turn:", "", *errors] if errors else []
 
 
-def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One server's goodput and p99 (medians over the given runs), failures summed."""
-    p99s = [run["latency_ms"]["p99"] for run in runs if run["latency_ms"]["p99"] is not None]
-    return {"server": runs[0]["server"], "goodput": median(run["goodput_per_s"] for run in runs),
-            "p99": median(p99s) if p99s else None, "failures": sum(run["failures"] for run in runs)}
+def summarise(runs: list[dict[str, Any]], client: str) -> dict[str, Any] | None:
+    """One server as one client saw it over the rounds: median rate, p99 and answers per server CPU-second,
+    failures summed; None if that client measured none of its runs."""
+    seen = [s for run in runs if (s := view(run, client))]
+    if not seen:
+        return None
+    return {"server": runs[0]["server"], "rate": median(s["rate"] for s in seen),
+            "p99": _median([s["latency_ms"].get("p99") for s in seen]), "failures": sum(s["failures"] for s in seen),
+            "per_cpu": _median([per_cpu(s) for s in seen])}
 
 
-def versus_line(label: str, ours: dict[str, Any], best: dict[str, Any]) -> str:
-    """The shipped TorchServe against the best peer: goodput ratio, at equal or lower p99, with 0 failures."""
-    ratio = ours["goodput"] / best["goodput"]
-    met = ratio >= GOODPUT_TARGET and ours["p99"] is not None and ours["p99"] <= best["p99"] and not ours["failures"]
-    return (f"- {label}: TorchServe {ours['goodput']:.1f} goodput/s (p99 {_span([ours['p99']])} ms) vs the best peer, "
-            f"{best['server']}, {best['goodput']:.1f}/s (p99 {_span([best['p99']])} ms): **{ratio:.2f}x**, target "
+def versus_line(client: str, ours: dict[str, Any], best: dict[str, Any]) -> str:
+    """The shipped TorchServe against the best peer: rate ratio, at equal or lower p99, with 0 failures."""
+    ratio = ours["rate"] / best["rate"]
+    met = (ratio >= GOODPUT_TARGET and ours["p99"] is not None and best["p99"] is not None and ours["p99"] <= best["p99"]
+           and not ours["failures"])
+    return (f"- {CLIENTS[client]}: TorchServe {ours['rate']:.1f}/s (p99 {_span([ours['p99']])} ms) vs the best peer, "
+            f"{best['server']}, {best['rate']:.1f}/s (p99 {_span([best['p99']])} ms): **{ratio:.2f}x**, target "
             f"{GOODPUT_TARGET}x at equal or lower p99 with 0 failures: **{'met' if met else 'not met'}**.")
 
 
+def per_cpu_line(client: str, ours: dict[str, Any], pipeline: float) -> str:
+    share = ours["per_cpu"] / pipeline
+    return (f"- Per CPU-second, {client}'s window: TorchServe's own processes (frontend and workers) served "
+            f"{ours['per_cpu']:.0f} answers per CPU-second against the in-process pipeline's {pipeline:.0f} images per "
+            f"CPU-second with the same processes x threads: **{share:.0%}**, target {PER_CPU_TARGET:.0%}: "
+            f"**{'met' if share >= PER_CPU_TARGET else 'not met'}**.")
+
+
 def target_lines(report: dict[str, Any]) -> list[str]:
-    """Per round: the shipped TorchServe against the best peer of the same round, and against its ceiling."""
-    lines = []
-    peers = [run for run in report["runs"] if run["kind"] != "torchserve"]
-    shipped = [run for run in report["runs"] if run["server"] == SHIPPED]
-    for run in shipped:
-        rivals = [peer for peer in peers if peer["round"] == run["round"] and peer["goodput_per_s"] > 0]
-        if rivals:
-            lines.append(versus_line(f"Round {run['round']}", summarise([run]),
-                                     max((summarise([peer]) for peer in rivals), key=lambda peer: peer["goodput"])))
+    """The shipped TorchServe against the best peer per client, and per CPU-second against the pipeline,
+    all on medians over the rounds; not judged on fewer than MIN_ROUNDS rounds."""
     servers = by_server(report)
-    rivals = [summarise(runs) for name, runs in servers.items() if runs[0]["kind"] != "torchserve"]
-    if SHIPPED in servers and len(shipped) > 1 and any(rival["goodput"] > 0 for rival in rivals):
-        lines.append(versus_line("All rounds, medians", summarise(shipped), max(rivals, key=lambda peer: peer["goodput"])))
-    if report["ceilings"] and shipped:
-        limit = max(report["ceilings"], key=lambda c: c["pipeline_images_per_s"])
-        best = max(shipped, key=lambda run: run["requests_per_s"])
-        share = best["requests_per_s"] / limit["pipeline_images_per_s"]
-        lines.append(f"- In-process pipeline ceiling with the shipped {limit['processes']} process(es) x {limit['threads']} "
-                     f"thread(s) at batch {limit['batch_size']} (no HTTP, no Locust, on the same machine): "
-                     f"{limit['pipeline_images_per_s']:.0f} images/s (model alone {limit['model_images_per_s']:.0f}); "
-                     f"TorchServe's best round answered {best['requests_per_s']:.0f}/s, **{share:.0%}** of it "
-                     f"(target {CEILING_TARGET:.0%}: **{'met' if share >= CEILING_TARGET else 'not met'}**).")
-        server_cores = (best["cpu_cores"] or {}).get("server")
-        per_cpu = max(ceiling.get("pipeline_images_per_cpu_s", 0.0) for ceiling in report["ceilings"])
-        if server_cores and per_cpu:
-            served_per_core = best["requests_per_s"] / server_cores
-            lines.append(f"- Per busy core: TorchServe's processes (frontend and "
-                         f"workers) kept {server_cores:.2f} cores busy in that round, {served_per_core:.0f} answers per "
-                         f"core-second, against the in-process pipeline's {per_cpu:.0f} images per CPU-second: "
-                         f"**{served_per_core / per_cpu:.0%}**.")
+    peers = {name: runs for name, runs in servers.items() if runs[0]["kind"] != "torchserve"}
+    if SHIPPED not in servers or not peers:
+        return []
+    done = len({run["round"] for run in servers[SHIPPED]})
+    if done < MIN_ROUNDS:
+        return [f"- Not judged: TorchServe ran {done} round(s); the targets are judged on the medians of at least "
+                f"{MIN_ROUNDS} alternating rounds."]
+    lines = []
+    for client in CLIENTS:
+        ours = summarise(servers[SHIPPED], client)
+        rivals = [seen for runs in peers.values() if (seen := summarise(runs, client)) and seen["rate"] > 0]
+        if ours and rivals:
+            lines.append(versus_line(client, ours, max(rivals, key=lambda rival: rival["rate"])))
+    pipeline = _median([ceiling.get("pipeline_images_per_cpu_s") for ceiling in report["ceilings"]])
+    for client in CLIENTS:
+        ours = summarise(servers[SHIPPED], client)
+        if pipeline and ours and ours["per_cpu"]:
+            lines.append(per_cpu_line(client, ours, pipeline))
     return lines
 
 
@@ -135,6 +191,9 @@ def peers_markdown(report: dict[str, Any], data_file: str) -> str:
     plan = report["plan"]
     targets = target_lines(report)
     peers = any(run["kind"] != "torchserve" for run in report["runs"])
+    done = rounds_done(report)
+    wrk_setup = (f"then wrk alone ({report['wrk_threads']} thread(s), as many connections as Locust has users, the same "
+                 f"PNGs) for {report['wrk_time_s']} s measured" if report.get("wrk_time_s") else "no wrk window")
     return "\n".join([
         "# TorchServe against its peers" if peers else "# TorchServe settings side by side",
         "",
@@ -144,11 +203,10 @@ def peers_markdown(report: dict[str, Any], data_file: str) -> str:
         f"**Machine:** {machine_line(report['machine'])}. The shipped TorchServe's plan on it: {plan['cores']} core(s), "
         f"{plan['default_workers']} worker(s) x {plan['threads']} thread(s) for the default model (docs/SERVING.md).",
         "",
-        "## Per server (all rounds)",
-        "",
-        *summary_table(report),
-        "",
-        *(["## Target", "", *targets, ""] if targets else []),
+        *(["## Targets (medians over the rounds)", "", *targets, ""] if targets else []),
+        *[line for client, title in CLIENTS.items() if len(table := summary_table(report, client)) > 2
+          for line in (f"## {title}, all rounds", "", *table, "")],
+        *ceiling_lines(report),
         "## Per round",
         "",
         *round_table(report),
@@ -156,13 +214,16 @@ def peers_markdown(report: dict[str, Any], data_file: str) -> str:
         "",
         "## Setup",
         "",
-        f"- Every server serves `{report['archive']}` through the archive's own handler; TorchServe with "
-        "config.properties and the plan above, every archive of its model store loaded; a `torchserve:key=value` row "
-        "changes one setting.",
-        f"- Locust: {report['users']} closed-loop users, one CIFAR-10 test PNG per request from a pool of "
-        f"{report['image_pool']}, {report['warm_up_s']} s of warm-up, {report['run_time_s']} s measured; each server alone, "
-        f"{rounds_done(report)} round(s), the order reversed every other round.",
-        "- What goodput, cores and the ceiling mean, and why Locust shares the cores: "
+        f"- Every server serves `{report['archive']}` through the archive's own handler, with the inference processes x "
+        "threads in the tables (counted while it ran; the benchmark refuses to compare servers that would run "
+        "different ones); TorchServe with config.properties and the plan above, every archive of its model store "
+        "loaded; a `torchserve:key=value` row changes one setting. How each peer is set up, and why there is no "
+        "async FastAPI peer: [LOADTEST.md](LOADTEST.md#the-peer-benchmark).",
+        f"- Load: Locust, {report['users']} closed-loop users, one CIFAR-10 test PNG per request from a pool of "
+        f"{report['image_pool']}, {report['warm_up_s']} s of warm-up, {report['run_time_s']} s measured; {wrk_setup}. "
+        f"Each server alone, {done} round(s)" + ("" if done == report["rounds"] else f" (of {report['rounds']} asked for)")
+        + ", the order reversed every other round.",
+        "- What goodput, the clients, cores and the pipeline per CPU-second mean: "
         "[LOADTEST.md](LOADTEST.md#the-peer-benchmark).",
         "",
         "## Reproduce",
