@@ -139,6 +139,8 @@ def in_process(model_store: Path, tmp_path: Path) -> Any:
 @pytest.mark.parametrize("kind", ["fastapi", "bentoml"])
 def test_a_peer_answers_exactly_like_the_archives_handler(kind: str, model_store: Path, tmp_path: Path,
                                                           test_images: list[tuple[bytes, int]]) -> None:
+    if kind == "bentoml":
+        pytest.importorskip("bentoml", reason="a peer of make peers only (the bench extra), not of make test")
     bodies = [body for body, _ in test_images[:8]]
     expected = classify(in_process(model_store, tmp_path), bodies)
     peer = RunningPeer(parse_contender(kind), model_store / "cifar10.mar", free_port(), tmp_path / "peer", bodies[0])
