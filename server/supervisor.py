@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--enable-model-api", action="store_true",
                         help="allow register/unregister (confined by allowed_urls): what a rollout needs")
     args = parser.parse_args(argv)
+    if not args.client_keys.is_file():
+        parser.error(f"no client-keys file at {args.client_keys}: mount the Secret holding them (docs/DEPLOY.md)")
     workdir = args.workdir.resolve()
     properties = read_properties(args.config)
     proxy = ProxySpec(args.bind, args.rest_port, args.grpc_port, properties, args.client_keys.resolve(),
