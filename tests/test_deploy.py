@@ -174,7 +174,7 @@ def test_the_proxy_config_of_the_image_is_valid_haproxy(effective_config: dict[s
     assert spec.map_file.stat().st_mode & 0o077 == 0  # TorchServe's key: owner only
 
 
-def test_image_runs_as_non_root_and_starts_through_its_supervisor(image: Image) -> None:
+def test_image_runs_as_non_root_and_starts_through_its_supervisor(image: Image, capsys: pytest.CaptureFixture) -> None:
     uid = image.user.split(":")[0]
     assert uid.isdigit() and int(uid) != 0  # numeric, so Kubernetes' runAsNonRoot can verify it
     copied = image.copied_to_app()
@@ -186,9 +186,9 @@ def test_image_runs_as_non_root_and_starts_through_its_supervisor(image: Image) 
     from server.supervisor import main as supervisor_main
 
     arguments = shlex.split(script.split("exec python -m server.supervisor", 1)[1].replace("\\\n", " "))
-    with pytest.raises(SystemExit) as parsed:  # the options exist: only the missing key file stops it
-        supervisor_main([a.replace("$", "/nonexistent/") if a.startswith("$") else a for a in arguments])
-    assert parsed.value.code == 2
+    with pytest.raises(SystemExit) as parsed:  # every option parses with the image's values; only the key file
+        supervisor_main([image.env[a.strip("${}")] if a.startswith("$") else a for a in arguments])  # is not here
+    assert parsed.value.code == 2 and "no client-keys file at /etc/cifar10/client-keys/keys" in capsys.readouterr().err
     used = set(re.findall(r"\$\{?([A-Z_][A-Z0-9_]*)(?![A-Z0-9_]*:-)", script))
     assert used <= set(image.env), f"entrypoint reads unset variables: {used - set(image.env)}"
     # HEALTHCHECK asks the health server the image starts, on its port
