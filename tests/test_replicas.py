@@ -199,3 +199,15 @@ def test_a_dead_helper_is_restarted(cluster, module: str) -> None:
     while requests_status(f"{replica.health_url}/ready") != 200:
         assert time.monotonic() < deadline, "the restarted health server does not answer"
         time.sleep(0.2)
+
+
+def test_a_dead_torchserve_takes_the_whole_replica_down_for_a_restart(cluster) -> None:
+    """Last: it ends r1. A replica is never half alive: TorchServe gone, the supervisor drains and stops the rest
+    and exits 1, so that the container is restarted."""
+    replica, balancer = cluster["replicas"][1], cluster["balancer"]
+    torchserve = helper(replica, "--foreground")
+    for process in [*torchserve.children(recursive=True), torchserve]:
+        process.kill()
+    assert replica.wait(timeout=replica.drain_s + 60) == 1
+    assert "torchserve exited" in replica.log() and "proxy drained" in replica.log()
+    balancer.wait_until({"r0"})
