@@ -2,8 +2,8 @@
 
 A client renews an expired key through the token API on the management address (docs/OPERATIONS.md).
 In the container image the management API listens on the container's loopback only, so a client
-outside, reading key_file.json from the mounted working directory, cannot. This loop, started by the
-image's entrypoint beside TorchServe, renews the inference and management keys ``margin`` seconds
+outside, reading key_file.json from the mounted working directory, cannot. This loop, started beside
+TorchServe by the replica's supervisor (server.supervisor), renews the inference and management keys ``margin`` seconds
 before they expire, so the file always holds valid keys. Renewal invalidates the old key at once: a
 client refused once re-reads the file and retries (what :class:`clients.tokens.KeyRing` does, even
 without a management URL).
