@@ -40,8 +40,9 @@ class Balancer:
 
     def config(self) -> str:
         def servers(port: str) -> list[str]:
+            # gRPC is forwarded as HTTP/2; the health check still speaks HTTP/1.1 to the health server.
             return [f"    server {r.name} 127.0.0.1:{getattr(r, port)} check port {int(r.health_url.rsplit(':', 1)[1])}"
-                    + (" proto h2" if port == "grpc_port" else "") for r in self.replicas]
+                    + (" proto h2 check-proto h1" if port == "grpc_port" else "") for r in self.replicas]
 
         backend = ["    balance roundrobin", "    option httpchk GET /ready", "    http-check expect status 200",
                    "    default-server inter 500ms fall 2 rise 2"]
