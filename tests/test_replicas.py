@@ -175,8 +175,15 @@ def test_a_model_update_under_load_drops_nothing(cluster, test_images, data_root
 
 
 def helper(replica: Replica, module: str) -> psutil.Process:
-    (process,) = [child for child in psutil.Process(replica.process.pid).children()
-                  if module in child.cmdline()]
+    """The supervisor's running child started with ``module``; ValueError when there is none (or several)."""
+    running = []
+    for child in psutil.Process(replica.process.pid).children():
+        try:
+            if module in child.cmdline():
+                running.append(child)
+        except psutil.ZombieProcess:  # killed, not yet reaped by the supervisor
+            pass
+    (process,) = running
     return process
 
 
