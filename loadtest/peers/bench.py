@@ -34,7 +34,14 @@ from loadtest.images import test_images
 from loadtest.locust_csv import entry_stats, find_entry, history, rates, read_rows
 from loadtest.peers import wrk
 from loadtest.peers.common import GOODPUT, ROUTE
-from loadtest.peers.contenders import Contender, Running, RunningPeer, RunningTorchServe, parse_contender, same_inference
+from loadtest.peers.contenders import (
+    Contender,
+    Running,
+    RunningPeer,
+    RunningTorchServe,
+    parse_contender,
+    same_inference,
+)
 from loadtest.peers.report import peers_markdown
 from loadtest.report import machine, write_json
 from loadtest.run import bounded, check_data_dir, free_port
