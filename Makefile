@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 , := ,
 export CIFAR10_ROOT
 
-.PHONY: venv train evaluate model-store verify docs grpc serve stop test test-fast test-endurance loadtest sweep faults soak hostile peers first-run image image-test clean
+.PHONY: venv train evaluate model-store verify docs grpc serve stop test test-fast test-endurance loadtest sweep faults soak hostile peers first-run replicas rollout image image-test clean
 
 # torch and torchvision go first and exactly pinned, so that no resolver ever picks another build.
 venv: $(VENV)/.installed
@@ -81,6 +81,19 @@ sweep: venv model-store
 # Worker killed and hung under steady Locust load: recovery time, failed requests (about 3 minutes).
 faults: venv model-store
 	$(PY) -m loadtest faults --report-dir docs
+
+# Replicas behind a front HAProxy under Locust load: a SIGTERM, a replica added and the client key rotated,
+# a bad and a good model update, a rolling replacement (docs/REPLICAS.md, about 10 minutes; needs Debian's haproxy).
+replicas: venv model-store grpc
+	$(PY) -m loadtest replicas --report-dir docs
+
+# A model update on the running replica (its model API enabled): register ARCHIVE (a .mar in its model store) as a
+# new version, check it on held-out test images, make it the default, drain and unregister the old one
+# (clients/rollout.py). KEY_FILE: the replica's key_file.json (in the container: /var/lib/torchserve/key_file.json).
+KEY_FILE ?= key_file.json
+rollout: venv grpc
+	test -n "$(ARCHIVE)" || { echo "usage: make rollout ARCHIVE=model_store/cifar10_v2.mar [KEY_FILE=...]"; exit 2; }
+	$(PY) -m clients.rollout --archive $(ARCHIVE) --key-file $(KEY_FILE) --data-dir $(CIFAR10_ROOT)
 
 # Memory soak: 10 minutes of steady load, frontend and worker RSS growth per 100k requests.
 soak: venv model-store

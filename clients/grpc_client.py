@@ -190,8 +190,9 @@ def _metadata(key: str | None) -> tuple[tuple[str, str], ...]:
 
 
 def is_key_refusal(error: grpc.RpcError) -> bool:
-    """TorchServe refusing the key (expired, wrong, missing), as opposed to refusing the call."""
-    return (error.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    """TorchServe (PERMISSION_DENIED) or a replica's proxy (UNAUTHENTICATED) refusing the key (expired, wrong,
+    missing), as opposed to refusing the call."""
+    return (error.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)  # type: ignore[attr-defined]
             and REFUSAL_MESSAGE in (error.details() or ""))  # type: ignore[attr-defined]
 
 

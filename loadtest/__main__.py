@@ -1,7 +1,8 @@
 """``python -m loadtest [options]``: one load test. Subcommands: ``sweep`` (the benchmark sweep),
 ``report docs/benchmarks.json ...`` (render a sweep's report again from its JSON), ``faults`` (worker
 faults under load), ``soak`` (the memory soak), ``peers`` (TorchServe against peer servers),
-``first-run`` (fresh clone to first prediction, timed), ``hostile`` (costly inputs beside good traffic)."""
+``first-run`` (fresh clone to first prediction, timed), ``hostile`` (costly inputs beside good traffic),
+``replicas`` (replicas behind a load balancer through stops, a credential rotation and model updates)."""
 from __future__ import annotations
 
 import importlib
@@ -9,7 +10,7 @@ import sys
 
 SUBCOMMANDS = {"sweep": "loadtest.sweep", "report": "loadtest.report", "faults": "loadtest.faults",
                "soak": "loadtest.soak", "peers": "loadtest.peers.bench",
-               "first-run": "loadtest.first_run", "hostile": "loadtest.hostile"}
+               "first-run": "loadtest.first_run", "hostile": "loadtest.hostile", "replicas": "loadtest.replicas"}
 
 
 def main(argv: list[str]) -> int:

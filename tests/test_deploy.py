@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -22,7 +23,7 @@ import pytest
 import yaml
 
 from server.config import REPO_ROOT, parse_properties
-from server.health import Health, handler_for
+from server.health import PROBE_TIMEOUT, Health, handler_for
 from server.plan import GIB, plan
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
@@ -133,33 +134,61 @@ def test_manifests_match_the_kubernetes_schemas(manifests: dict[str, list[dict]]
                 pytest.fail(f"{name} {doc['kind']}/{doc['metadata']['name']}: {error.message} at {list(error.path)}")
 
 
-def test_container_config_exposes_only_clients_endpoints_and_keeps_production_defaults(
+def test_container_config_keeps_torchserve_on_loopback_behind_the_proxy(
         image: Image, effective_config: dict[str, str]) -> None:
-    public = {"inference_address", "metrics_address"}
-    for key in ("inference_address", "management_address", "metrics_address"):
-        host = urlparse(effective_config[key]).hostname
-        assert (host == "0.0.0.0") == (key in public), f"{key}={effective_config[key]}"
-    assert effective_config["grpc_inference_address"] == "0.0.0.0"
-    assert effective_config["grpc_management_address"] == "127.0.0.1"
+    """Only the proxy (client key required), metrics and health listen beyond loopback; TorchServe's own
+    inference and management addresses stay inside the pod, token authorization on."""
+    for key in ("inference_address", "management_address"):
+        assert urlparse(effective_config[key]).hostname == "127.0.0.1", f"{key}={effective_config[key]}"
+    assert urlparse(effective_config["metrics_address"]).hostname == "0.0.0.0"
+    assert effective_config["grpc_inference_address"] == effective_config["grpc_management_address"] == "127.0.0.1"
     assert effective_config["disable_token_authorization"] == "false"
-    assert effective_config["enable_model_api"] == "false"
-    listening = {port_of(effective_config["inference_address"]), port_of(effective_config["metrics_address"]),
-                 int(effective_config["grpc_inference_port"]), port_of(image.env["HEALTH_BIND"])}
+    # the rollout needs the model API (the entrypoint enables it); registration by name from the store only
+    assert effective_config["allowed_urls"] == "(?!)"
+    proxy = {int(image.env["PROXY_REST_PORT"]), int(image.env["PROXY_GRPC_PORT"])}
+    inside = {port_of(effective_config["inference_address"]), int(effective_config["grpc_inference_port"])}
+    assert not proxy & inside, "the proxy and TorchServe cannot share a port"
+    listening = proxy | {port_of(effective_config["metrics_address"]), port_of(image.env["HEALTH_BIND"])}
     assert image.ports == listening  # EXPOSE names exactly what listens beyond loopback
     assert Path(effective_config["model_store"]).is_absolute()
     log_config = effective_config["vmargs"].split("-Dlog4j.configurationFile=", 1)[1].split()[0]
     assert log_config in image.copied_to_app(), "log4j2.xml must be where vmargs points"
 
 
-def test_image_runs_as_non_root_and_starts_through_its_entrypoint(image: Image) -> None:
+def test_the_proxy_config_of_the_image_is_valid_haproxy(effective_config: dict[str, str], tmp_path: Path) -> None:
+    from server.proxy import ProxySpec, prepare
+    from server.supervisor import haproxy_executable
+
+    try:
+        haproxy = haproxy_executable()
+    except FileNotFoundError:
+        pytest.skip("Debian's haproxy is not installed")
+    client_key, torchserve_key = secrets.token_urlsafe(16), secrets.token_urlsafe(6)
+    keys = tmp_path / "accepted"
+    keys.write_text(f"{client_key}\n")
+    spec = ProxySpec("0.0.0.0", 8080, 7070, effective_config, keys, tmp_path)
+    prepare(spec, torchserve_key)
+    result = subprocess.run([haproxy, "-c", "-f", str(spec.config)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert client_key not in spec.config.read_text() and torchserve_key not in spec.config.read_text()
+    assert spec.map_file.stat().st_mode & 0o077 == 0  # TorchServe's key: owner only
+
+
+def test_image_runs_as_non_root_and_starts_through_its_supervisor(image: Image, capsys: pytest.CaptureFixture) -> None:
     uid = image.user.split(":")[0]
     assert uid.isdigit() and int(uid) != 0  # numeric, so Kubernetes' runAsNonRoot can verify it
     copied = image.copied_to_app()
+    assert image.entrypoint[:2] == ["/usr/bin/tini", "--"], "tini signals the supervisor alone (no -g)"
     entrypoint = image.entrypoint[-1]
     assert entrypoint in copied and copied[entrypoint].stat().st_mode & 0o111, "entrypoint copied and executable"
     script = copied[entrypoint].read_text()
-    for command in ("torchserve --start --foreground", "python -m server.health serve", "python -m server.renewer"):
-        assert command in script
+    assert "exec python -m server.supervisor" in script and "--enable-model-api" in script
+    from server.supervisor import main as supervisor_main
+
+    arguments = shlex.split(script.split("exec python -m server.supervisor", 1)[1].replace("\\\n", " "))
+    with pytest.raises(SystemExit) as parsed:  # every option parses with the image's values; only the key file
+        supervisor_main([image.env[a.strip("${}")] if a.startswith("$") else a for a in arguments])  # is not here
+    assert parsed.value.code == 2 and "no client-keys file at /etc/cifar10/client-keys/keys" in capsys.readouterr().err
     used = set(re.findall(r"\$\{?([A-Z_][A-Z0-9_]*)(?![A-Z0-9_]*:-)", script))
     assert used <= set(image.env), f"entrypoint reads unset variables: {used - set(image.env)}"
     # HEALTHCHECK asks the health server the image starts, on its port
@@ -182,16 +211,19 @@ def test_deployment_refers_to_what_the_image_has(file: str, manifests: dict[str,
     container = pod["spec"]["containers"][0]
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert set(ports.values()) == image.ports
-    assert ports["http"] == port_of(effective_config["inference_address"])
-    assert ports["grpc"] == int(effective_config["grpc_inference_port"])
+    assert ports["http"] == int(image.env["PROXY_REST_PORT"])
+    assert ports["grpc"] == int(image.env["PROXY_GRPC_PORT"])
     assert ports["metrics"] == port_of(effective_config["metrics_address"])
     assert ports["health"] == port_of(image.env["HEALTH_BIND"])
     routes = set(handler_for(Health(tmp_path, effective_config)).checks)
     for probe, path in (("startupProbe", "/live"), ("livenessProbe", "/live"), ("readinessProbe", "/ready")):
         assert container[probe]["httpGet"] == {"path": path, "port": "health"} and path in routes
+        assert container[probe].get("timeoutSeconds", 1) > PROBE_TIMEOUT  # the health server answers in time
     assert pod["spec"]["securityContext"]["runAsUser"] == int(image.user.split(":")[0])
-    mounts = {mount["mountPath"] for mount in container["volumeMounts"]}
+    mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
     assert image.env["TS_WORKDIR"] in mounts  # where key_file.json is written
+    secret = next(v for v in pod["spec"]["volumes"] if v["name"] == mounts[str(Path(image.env["ACCEPTED_CLIENTS_FILE"]).parent)])
+    assert secret["secret"]["defaultMode"] & 0o007 == 0, "client keys never world-readable"
     if container["securityContext"].get("readOnlyRootFilesystem"):
         assert "/tmp" in mounts  # TorchServe unpacks archives and keeps its pid file there
     annotations = pod["metadata"]["annotations"]
@@ -255,6 +287,9 @@ def test_locust_set_targets_the_service_with_options_the_locustfile_has(manifest
     master_service = find(manifests, "locust.yaml", "Service", "locust-master")
     master = find(manifests, "locust.yaml", "Deployment", "locust-master")["spec"]["template"]["spec"]["containers"][0]
     worker = find(manifests, "locust.yaml", "Deployment", "locust-worker")["spec"]["template"]["spec"]
+    serving = find(manifests, "torchserve.yaml", "Deployment")["spec"]["template"]["spec"]
+    mounted = {v["secret"]["secretName"] for v in worker["volumes"] + serving["volumes"] if "secret" in v}
+    assert mounted == {"cifar10-client-keys"}, "Locust sends the client key every replica accepts"
     worker_container = worker["containers"][0]
     env = {item["name"]: item["value"] for item in master["env"]}
     host = urlparse(env["LOCUST_HOST"])
@@ -278,3 +313,26 @@ def test_locust_set_targets_the_service_with_options_the_locustfile_has(manifest
         result = subprocess.run([sys.executable, "-m", "locust", "-f", str(REPO_ROOT / "loadtest" / "locustfile.py"),
                                  "--list", *container["args"]], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0 and "RestUser" in result.stdout, result.stderr[-1000:]
+
+
+def test_a_stopping_pod_gets_the_time_its_drain_needs(manifests: dict[str, list[dict]], image: Image,
+                                                      effective_config: dict[str, str]) -> None:
+    """preStop (the endpoint leaves the Service), the supervisor's drain, HAProxy finishing a request of the
+    longest allowed time, TorchServe's stop: all within the grace period, or the kubelet kills requests."""
+    from server.supervisor import TORCHSERVE_STOP_S
+
+    deployment = find(manifests, "torchserve.yaml", "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    pre_stop = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep" and int(pre_stop[1]) == int(image.env["DRAIN_SECONDS"])
+    hard_stop = int(effective_config["default_response_timeout"]) + 15  # server.supervisor's proxy hard-stop-after
+    needed = int(pre_stop[1]) + int(image.env["DRAIN_SECONDS"]) + hard_stop + TORCHSERVE_STOP_S
+    assert pod["terminationGracePeriodSeconds"] >= needed
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    budget = find(manifests, "torchserve.yaml", "PodDisruptionBudget")
+    assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels(deployment).items()
+    assert budget["spec"]["maxUnavailable"] == 1
+
+
+def pod_labels(deployment: dict) -> dict[str, str]:
+    return deployment["spec"]["template"]["metadata"]["labels"]

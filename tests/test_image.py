@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import subprocess
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ pytestmark = pytest.mark.skipif(not IMAGE, reason="needs a built image: make ima
 CONTAINER_PORTS = {"http": 8080, "grpc": 7070, "metrics": 8082, "health": 8083}
 HOST_PORTS = {name: 18400 + PORT_OFFSET + i for i, name in enumerate(CONTAINER_PORTS)}
 WORKDIR = "/var/lib/torchserve"
+KEYS_DIR = "/etc/cifar10/client-keys"  # the Dockerfile's ACCEPTED_CLIENTS_FILE is KEYS_DIR/keys
 START_TIMEOUT = 600
 RESULTS = REPO_ROOT / "build" / "image" / "image-test.json"
 
@@ -43,16 +45,20 @@ def docker(*args: str, check: bool = True, timeout: float = 120) -> subprocess.C
     return subprocess.run([DOCKER, *args], capture_output=True, text=True, check=check, timeout=timeout)
 
 
+DEPLOYMENT = next(yaml.safe_load_all((REPO_ROOT / "deploy" / "kubernetes" / "cpu" / "torchserve.yaml").read_text()))
+GRACE_S = DEPLOYMENT["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+
+
 def manifest_memory_limit() -> str:
-    deployment = next(yaml.safe_load_all((REPO_ROOT / "deploy" / "kubernetes" / "cpu" / "torchserve.yaml").read_text()))
-    limit = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+    limit = DEPLOYMENT["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
     return limit.replace("Gi", "g").replace("Mi", "m")
 
 
 class Container:
-    def __init__(self, name: str, workdir: Path) -> None:
+    def __init__(self, name: str, workdir: Path, client_key: str) -> None:
         self.name = name
         self.workdir = workdir
+        self.client_key = client_key  # what the replica's proxy accepts (the Secret's file)
 
     def url(self, port: str) -> str:
         return f"http://127.0.0.1:{HOST_PORTS[port]}"
@@ -68,11 +74,12 @@ class Container:
         return docker("exec", self.name, *command, check=False)
 
     def stop(self) -> int:
-        """``docker stop`` (SIGTERM, SIGKILL after 60 s); records what the run measured; the exit code."""
+        """``docker stop`` (SIGTERM, SIGKILL after the manifest's grace period); records what the run measured;
+        the exit code."""
         if docker("inspect", "-f", "{{.State.Running}}", self.name).stdout.strip() == "true":
             memory = docker("stats", "--no-stream", "--format", "{{.MemUsage}}", self.name).stdout.strip()
             stopping = time.monotonic()
-            docker("stop", "--time", "60", self.name, timeout=120)
+            docker("stop", "--time", str(GRACE_S), self.name, timeout=GRACE_S + 60)
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             RESULTS.write_text(json.dumps({
                 "image": IMAGE, "seconds_to_healthy": round(getattr(self, "seconds_to_healthy", -1), 1),
@@ -89,13 +96,22 @@ def container(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Cont
         os.chown(workdir, int(uid), int(gid))  # the volume must be writable by the image's user
     except PermissionError:  # not root: let anyone write it
         workdir.chmod(0o777)
+    keys_dir = tmp_path_factory.mktemp("client-keys")
+    client_key = secrets.token_urlsafe(24)
+    (keys_dir / "keys").write_text(f"{client_key}\n")
+    try:  # readable by the image's user only, as the Secret's 0440 with fsGroup
+        os.chown(keys_dir / "keys", int(uid), int(gid))
+        (keys_dir / "keys").chmod(0o400)
+    except PermissionError:
+        (keys_dir / "keys").chmod(0o444)
     name = f"cifar10-image-test-{os.getpid()}"
     publish = [f"--publish=127.0.0.1:{HOST_PORTS[p]}:{port}" for p, port in CONTAINER_PORTS.items()]
     started = time.monotonic()
     docker("run", "--detach", "--name", name, "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
            "--security-opt", "no-new-privileges", "--memory", manifest_memory_limit(),
-           "--volume", f"{workdir}:{WORKDIR}", "--volume", f"{data_root.resolve()}:/data:ro", *publish, IMAGE)
-    box = Container(name, workdir)
+           "--volume", f"{workdir}:{WORKDIR}", "--volume", f"{data_root.resolve()}:/data:ro",
+           "--volume", f"{keys_dir}:{KEYS_DIR}:ro", *publish, IMAGE)
+    box = Container(name, workdir, client_key)
     try:
         while (status := box.health()) != "healthy":
             assert status in ("starting", ""), f"container {status}: {docker('logs', name, check=False).stderr[-3000:]}"
@@ -126,8 +142,8 @@ def test_key_file_is_written_to_the_mounted_working_directory(container: Contain
     assert set(keys) == {"inference", "management", "API"} and all(keys.values())
 
 
-def test_rest_predictions_with_the_token(container: Container, test_images, reference_probabilities) -> None:  # noqa: F811
-    key = container.keys["inference"]
+def test_rest_predictions_with_the_client_key(container: Container, test_images, reference_probabilities) -> None:  # noqa: F811
+    key = container.client_key
     for model in ("cifar10_torchscript", "cifar10"):
         responses = [requests.post(f"{container.url('http')}/predictions/{model}", data=body, timeout=60,
                                    headers=bearer(key) | {"Content-Type": "image/png"}) for body, _ in test_images]
@@ -139,8 +155,8 @@ def test_rest_predictions_with_the_token(container: Container, test_images, refe
             assert (served.argmax(1) == reference_probabilities.argmax(1)).float().mean() >= 0.95
 
 
-def test_grpc_predictions_with_the_token(container: Container, test_images) -> None:
-    client = TorchServeGrpc(f"127.0.0.1:{HOST_PORTS['grpc']}", "127.0.0.1:1", keys=container.keys)
+def test_grpc_predictions_with_the_client_key(container: Container, test_images) -> None:
+    client = TorchServeGrpc(f"127.0.0.1:{HOST_PORTS['grpc']}", "127.0.0.1:1", keys={"inference": container.client_key})
     body, label = test_images[0]
     assert client.predict("cifar10", body)["label"] == CLASSES[label]
     with pytest.raises(PredictionError) as refused:
@@ -149,16 +165,17 @@ def test_grpc_predictions_with_the_token(container: Container, test_images) -> N
     anonymous = TorchServeGrpc(f"127.0.0.1:{HOST_PORTS['grpc']}", "127.0.0.1:1", keys=None)
     with pytest.raises(grpc.RpcError) as denied:
         anonymous.predict("cifar10", body)
-    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED  # the replica's proxy refuses it
 
 
-def test_bad_input_and_missing_token_are_refused(container: Container, test_images) -> None:
+def test_bad_input_and_missing_or_internal_keys_are_refused(container: Container, test_images) -> None:
     url = f"{container.url('http')}/predictions/cifar10"
     bad = requests.post(url, data=b"not an image", timeout=60,
-                        headers=bearer(container.keys["inference"]) | {"Content-Type": "application/octet-stream"})
+                        headers=bearer(container.client_key) | {"Content-Type": "application/octet-stream"})
     assert bad.status_code == 415 and bad.json()["type"] == "BadInput"
-    anonymous = requests.post(url, data=test_images[0][0], headers={"Content-Type": "image/png"}, timeout=60)
-    assert anonymous.status_code == 400 and "Token Authorization failed" in anonymous.text
+    for headers in ({}, bearer(container.keys["inference"])):  # TorchServe's own key is not a client credential
+        refused = requests.post(url, data=test_images[0][0], headers=headers | {"Content-Type": "image/png"}, timeout=60)
+        assert refused.status_code == 401 and "Token Authorization failed" in refused.text
 
 
 def test_management_api_listens_on_the_containers_loopback_only(container: Container) -> None:
@@ -208,7 +225,10 @@ def test_metrics_carry_the_autoscalers_counter(container: Container) -> None:
     assert f"# TYPE {metric} counter" in text and f'{metric}{{' in text
 
 
-def test_stops_on_sigterm_before_the_grace_period(container: Container) -> None:
-    """Runs last: tini hands SIGTERM to TorchServe and the health server; nothing needs SIGKILL (137)."""
-    assert container.stop() != 137
-    assert not json.loads(RESULTS.read_text())["stop_seconds"] >= 60
+def test_stops_on_sigterm_after_draining_and_before_the_grace_period(container: Container) -> None:
+    """Runs last: tini hands SIGTERM to the supervisor, which drains (DRAIN_SECONDS) and stops the rest;
+    exit 0, nothing needs SIGKILL (137)."""
+    assert container.stop() == 0
+    assert 5 <= json.loads(RESULTS.read_text())["stop_seconds"] < GRACE_S
+    logs = docker("logs", container.name, check=False)
+    assert "proxy drained" in logs.stdout + logs.stderr

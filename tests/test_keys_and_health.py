@@ -22,7 +22,7 @@ from clients.grpc_client import TorchServeGrpc
 from clients.tokens import KeyRing, bearer, read_key_file
 from loadtest.run import LoadSpec, load_test
 from server.config import REPO_ROOT
-from server.health import Health, check, requests_status
+from server.health import CACHE_S, DRAINING_FLAG, Health, check, requests_status
 from server.launcher import TorchServe
 from tests.conftest import PORT_OFFSET, ports_for
 from training.model import CLASSES
@@ -35,7 +35,7 @@ HEALTH_PORT = 18115 + PORT_OFFSET
 @pytest.fixture(scope="module")
 def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> TorchServe:
     store = tmp_path_factory.mktemp("store")
-    for name in MODELS:  # two models, so that readiness means "every model", not "some model"
+    for name in MODELS:  # two models, so that readiness can be shown to be about the default one only
         (store / f"{name}.mar").symlink_to(model_store / f"{name}.mar")
     server = TorchServe(workdir=tmp_path_factory.mktemp("torchserve-keys"), model_store=store,
                         overrides=ports_for(18110) | {"token_expiration_min": str(EXPIRY_MIN)})
@@ -67,24 +67,56 @@ def test_health_answers_without_a_secret_and_says_nothing_more(server: TorchServ
     assert requests.get(f"{server.inference_url}/ping", timeout=10).status_code == 400
 
 
-def test_a_model_without_a_ready_worker_makes_the_server_not_ready(server: TorchServe) -> None:
-    def scale(workers: int) -> None:
-        response = server.call("management", "PUT", f"{server.management_url}/models/{MODELS[1]}",
+def test_readiness_follows_the_default_model_only(server: TorchServe) -> None:
+    """Ready means "can serve cifar10": a variant with no worker (an idle one restarting) keeps the
+    replica in the Service, the default model with no worker takes it out."""
+    def scale(model: str, workers: int) -> None:
+        response = server.call("management", "PUT", f"{server.management_url}/models/{model}",
                                params={"min_worker": workers, "max_worker": workers, "synchronous": "true"},
                                timeout=120)
         assert response.ok, response.text
 
-    scale(0)
+    scale(MODELS[1], 0)
     try:
+        time.sleep(CACHE_S)  # past the cached answer
+        assert requests_status(f"{server.health_url}/ready") == 200
+    finally:
+        scale(MODELS[1], 1)
+    scale(MODELS[0], 0)
+    try:
+        time.sleep(CACHE_S)
         response = requests.get(f"{server.health_url}/ready", timeout=10)
         assert (response.status_code, response.json()) == (503, {"status": "not ready"})
-        assert MODELS[1] not in response.text
+        assert MODELS[0] not in response.text
         assert requests_status(f"{server.health_url}/live") == 200  # alive: no reason to restart it
         assert subprocess.run([sys.executable, "-m", "server.health", "check", "ready", "--url", server.health_url],
                               cwd=REPO_ROOT, timeout=60).returncode == 1
     finally:
-        scale(1)
+        scale(MODELS[0], 1)
+    time.sleep(CACHE_S)
     assert requests_status(f"{server.health_url}/ready") == 200
+
+
+def test_a_drain_turns_readiness_off_at_once_and_keeps_liveness(server: TorchServe) -> None:
+    flag = server.workdir / DRAINING_FLAG
+    assert requests_status(f"{server.health_url}/ready") == 200  # cached as ready from here on
+    flag.touch()
+    try:
+        assert requests_status(f"{server.health_url}/ready") == 503  # not after the cache expires: now
+        assert requests_status(f"{server.health_url}/live") == 200
+    finally:
+        flag.unlink()
+    assert requests_status(f"{server.health_url}/ready") == 200
+
+
+def test_a_burst_of_probes_costs_one_management_call(server: TorchServe) -> None:
+    health = Health(server.workdir, server.properties, cache_s=5.0)
+    calls = []
+    describe = health.management.describe
+    health.management.describe = lambda *args: calls.append(args) or describe(*args)
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: health.ready(), range(64)))
+    assert all(answers) and len(calls) == 1
 
 
 def test_a_server_that_is_down_is_neither_live_nor_ready(tmp_path: Path) -> None:

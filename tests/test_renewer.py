@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 import sys
 import threading
@@ -16,8 +17,10 @@ import requests
 from clients.tokens import KeyRing, bearer, read_key_file
 from server.config import REPO_ROOT
 from server.launcher import TorchServe
+from server.proxy import ProxySpec, prepare, sync, write_private
 from server.renewer import parse_instant, renew_due
-from tests.conftest import ports_for
+from server.supervisor import haproxy_executable
+from tests.conftest import PORT_OFFSET, ports_for
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +138,39 @@ def test_the_renewers_loop_renews_each_key_before_it_expires(server: TorchServe)
     assert after["inference"] != before["inference"] and after["management"] != before["management"]
     assert renewed_at < expires  # before the old key expired: a client re-reading the file never waits
     assert ping(server, after["inference"]) == 200
+
+
+def test_the_replica_proxy_follows_renewed_keys_and_the_client_key_file(server: TorchServe, tmp_path: Path) -> None:
+    """A real HAProxy before the module's TorchServe: a renewal reaches it with one sync, so does a rotated
+    client-key file (and the old client key is refused from then on)."""
+    old_client, new_client = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
+    accepted = tmp_path / "client-keys"
+    write_private(accepted, f"{old_client}\n")
+    spec = ProxySpec("127.0.0.1", PORT_OFFSET + 18135, PORT_OFFSET + 18136, server.properties, accepted, tmp_path)
+    prepare(spec, server.keys["inference"])
+    proxy = subprocess.Popen([haproxy_executable(), "-db", "-f", str(spec.config)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.STDOUT)
+    pushed = {"inner": server.keys["inference"], "clients": [old_client]}
+
+    def ping_through(key: str) -> int | None:
+        try:
+            return requests.get(f"{spec.rest_url}/ping", headers=bearer(key), timeout=10).status_code
+        except requests.ConnectionError:
+            return None
+
+    try:
+        deadline = time.monotonic() + 10
+        while ping_through(old_client) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ping_through(old_client) == 200 and ping_through(server.keys["inference"]) == 401
+        assert renew_due(server.key_file, server.management_url, timedelta(minutes=2)) == ["inference", "management"]
+        assert ping_through(old_client) == 400  # forwarded with the key TorchServe just invalidated
+        assert sync(spec.directory, accepted, server.keys["inference"], pushed) == ["TorchServe's inference key"]
+        assert ping_through(old_client) == 200
+        write_private(accepted, f"{new_client}\n")
+        assert sync(spec.directory, accepted, server.keys["inference"], pushed) == ["1 client key(s)"]
+        assert ping_through(new_client) == 200 and ping_through(old_client) == 401
+        assert sync(spec.directory, accepted, server.keys["inference"], pushed) == []  # nothing changed
+    finally:
+        proxy.terminate()
+        proxy.wait(timeout=10)
