@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,9 @@ from server.plan import plan_from_environment
 # Every archive `python -m export` writes; the serving tests need all of them.
 MODEL_NAMES = ("cifar10", "cifar10_torchscript", "cifar10_onnx", "cifar10_onnx_int8_dynamic", "cifar10_onnx_int8_static")
 RELEASE_CHECKPOINT = REPO_ROOT / "training" / "release" / "resnet18_cifar10.pt"
+# The replicas' proxy and load balancer are Debian's HAProxy (apt-get install haproxy); .ci/run installs it.
+needs_haproxy = pytest.mark.skipif(shutil.which("haproxy", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin") is None,
+                                   reason="needs Debian's haproxy (apt-get install haproxy)")
 # Shifts every test server's ports, so that two checkouts can run their suites side by side.
 PORT_OFFSET = int(os.environ.get("TEST_PORT_OFFSET", "0"))
 

@@ -20,7 +20,7 @@ from server.launcher import TorchServe
 from server.proxy import ProxySpec, prepare, sync, write_private
 from server.renewer import parse_instant, renew_due
 from server.supervisor import haproxy_executable
-from tests.conftest import PORT_OFFSET, ports_for
+from tests.conftest import PORT_OFFSET, needs_haproxy, ports_for
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +140,7 @@ def test_the_renewers_loop_renews_each_key_before_it_expires(server: TorchServe)
     assert ping(server, after["inference"]) == 200
 
 
+@needs_haproxy
 def test_the_replica_proxy_follows_renewed_keys_and_the_client_key_file(server: TorchServe, tmp_path: Path) -> None:
     """A real HAProxy before the module's TorchServe: a renewal reaches it with one sync, so does a rotated
     client-key file (and the old client key is refused from then on)."""

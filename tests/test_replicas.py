@@ -24,8 +24,10 @@ from loadtest.replicas import MODEL, default_versions, roll_out, versioned
 from server.health import requests_status
 from server.proxy import write_private
 from server.replica import Replica
-from tests.conftest import PORT_OFFSET
+from tests.conftest import PORT_OFFSET, needs_haproxy
 from training.model import CLASSES
+
+pytestmark = needs_haproxy
 
 BASE = 18600 + PORT_OFFSET
 SENDERS = 2
