@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -174,63 +174,35 @@ def test_the_handler_reads_the_threads_the_server_sets(model_store: Path, tmp_pa
         torch.set_num_threads(before)
 
 
-ENTRYPOINT = REPO_ROOT / "deploy" / "docker" / "entrypoint.sh"
-
-
 def run_module(command: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if k not in (WORKERS_ENV, THREADS_ENV)} | env
     environment["PATH"] = f"{Path(sys.executable).parent}:{environment['PATH']}"
     return subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
 
 
-def run_entrypoint(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, Path]:
-    """deploy/docker/entrypoint.sh itself, with a ``torchserve`` first on PATH that records its arguments and
-    the plan it was handed, then exits; the helpers the script starts beside it are stopped afterwards."""
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    record = tmp_path / "torchserve.txt"
-    (fake / "torchserve").write_text(f'#!/bin/sh\necho "$* | ${WORKERS_ENV} ${THREADS_ENV}" > {record}\n')
-    (fake / "torchserve").chmod(0o755)
-    config = tmp_path / "config.properties"
-    config.write_text(f"management_address=http://127.0.0.1:{ports_for(18160)['management_address'].rsplit(':', 1)[1]}\n"
-                      f"metrics_address=http://127.0.0.1:{ports_for(18160)['metrics_address'].rsplit(':', 1)[1]}\n")
-    port = ports_for(18160)["grpc_inference_port"]
-    environment = {"PATH": f"{fake}:{Path(sys.executable).parent}:/usr/bin:/bin", "TS_WORKDIR": str(tmp_path),
-                   "TS_CONFIG": str(config), "LOG_LOCATION": str(tmp_path / "logs"), "TMPDIR": str(tmp_path),
-                   "HEALTH_BIND": f"127.0.0.1:{port}", "HOME": str(tmp_path)} | env
-    # Files, not pipes: the helpers it leaves running would hold a pipe open after the script's end.
-    with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
-        process = subprocess.Popen(["sh", str(ENTRYPOINT)], env=environment, stdout=stdout, stderr=stderr,
-                                   start_new_session=True)
-    try:
-        process.wait(timeout=60)
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)  # the health server, renewer and scaler it left running
-        except ProcessLookupError:
-            pass
-    return subprocess.CompletedProcess(process.args, process.returncode, (tmp_path / "stdout").read_text(),
-                                       (tmp_path / "stderr").read_text()), record
+def supervisor_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> dict[str, str]:
+    """What the container's supervisor (deploy/docker/entrypoint.sh execs it) gives every child it starts,
+    TorchServe included, which hands it on to every worker."""
+    from server.supervisor import Supervisor
+
+    monkeypatch.delenv(WORKERS_ENV, raising=False)
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return Supervisor._environment(SimpleNamespace(logs=tmp_path))
 
 
 @pytest.mark.parametrize(("env", "exported"), [({}, None), ({WORKERS_ENV: "3"}, "3 1"), ({THREADS_ENV: "2"}, None)])
-def test_the_entrypoint_hands_the_plan_to_torchserve(tmp_path: Path, env: dict[str, str],
-                                                     exported: str | None) -> None:
-    """The container's entrypoint starts TorchServe in the foreground with the plan in its environment,
-    which TorchServe hands to every worker."""
+def test_the_supervisor_hands_the_plan_to_torchserve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     env: dict[str, str], exported: str | None) -> None:
     chosen = plan_from_environment(int(env.get(WORKERS_ENV, 0)) or None, int(env.get(THREADS_ENV, 0)) or None)
-    result, record = run_entrypoint(tmp_path, env)
-    assert result.returncode == 0, result.stderr
-    arguments, plan_seen = record.read_text().strip().split(" | ")
-    assert arguments == f"--start --foreground --ts-config {tmp_path / 'config.properties'} --ncs"
-    assert plan_seen == (exported or f"{chosen.default_workers} {chosen.threads}")
-    assert chosen.describe() in result.stderr
+    handed = supervisor_environment(tmp_path, monkeypatch, env)
+    assert f"{handed[WORKERS_ENV]} {handed[THREADS_ENV]}" == (exported or f"{chosen.default_workers} {chosen.threads}")
 
 
-def test_the_entrypoint_stops_on_a_bad_override(tmp_path: Path) -> None:
-    result, record = run_entrypoint(tmp_path, {WORKERS_ENV: "two"})
-    assert result.returncode != 0 and not record.exists()  # TorchServe never started
-    assert f"{WORKERS_ENV} must be a positive integer, got 'two'" in result.stderr
+def test_the_supervisor_stops_on_a_bad_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match=f"{WORKERS_ENV} must be a positive integer, got 'two'"):
+        supervisor_environment(tmp_path, monkeypatch, {WORKERS_ENV: "two"})
 
 
 def test_the_scaler_gives_up_when_no_server_answers_and_says_why(tmp_path: Path) -> None:
