@@ -13,14 +13,20 @@ Neither key is ever on a command line or in the configuration: HAProxy reads bot
 (mode 0600 here, the Secret's mode there) and both are updated at run time through HAProxy's
 runtime API, a Unix socket of mode 0600 (:class:`Runtime`): the client keys in one atomic
 ``prepare``/``commit`` (no instant with no valid key), TorchServe's key with ``set map`` as soon as it
-is renewed (server.renewer). On SIGUSR1 HAProxy soft-stops: it closes its listeners, finishes what it
-holds, closes idle keep-alive connections and exits, bounded by ``hard-stop-after``.
+is renewed (server.renewer). On SIGUSR1 HAProxy soft-stops (:func:`drain`): it closes its listeners and
+idle HTTP/1.1 connections, answers what arrives on the others with ``Connection: close`` or an HTTP/2
+GOAWAY, finishes what it holds and exits, bounded by ``hard-stop-after``. A client that keeps its idle
+HTTP/2 connection after the GOAWAY (a load balancer's or an ingress's pool does) is closed after
+``timeout client-fin`` instead of holding the stop until the hard stop.
 """
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +35,7 @@ INNER_KEY_NAME = "inference"  # the map entry holding TorchServe's current infer
 CONFIG_FILE = "haproxy.cfg"
 MAP_FILE = "torchserve-key.map"
 SOCKET_FILE = "haproxy.sock"
+CLOSING_S = 2
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,7 @@ def render_config(spec: ProxySpec) -> str:
         f"    timeout client {timeout}s",
         f"    timeout server {timeout}s",
         "    timeout http-keep-alive 30s",
+        f"    timeout client-fin {CLOSING_S}s",
         "frontend rest",
         f"    bind {spec.bind_host}:{spec.rest_port}",
         *(f"    {line}" for line in authenticate),
@@ -213,3 +221,16 @@ def sync(directory: Path, client_keys: Path, inner_key: str, known: dict[str, ob
         known["clients"] = clients
         pushed.append(f"{len(clients)} client key(s)")
     return pushed
+
+
+def drain(process: subprocess.Popen, spec: ProxySpec) -> float:
+    """Soft-stop the HAProxy ``process`` and wait until it has finished what it holds and exited (at most
+    ``spec.hard_stop_s``); the seconds it took."""
+    started = time.monotonic()
+    process.send_signal(signal.SIGUSR1)
+    try:
+        process.wait(timeout=spec.hard_stop_s + 5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    return time.monotonic() - started

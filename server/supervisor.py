@@ -13,8 +13,8 @@ TorchServe (and every request it held) at once. This supervisor runs instead, un
   restarts, the replica is never silently half alive;
 - on SIGTERM (or SIGINT): ``/ready`` answers 503 at once (a flag file the health server reads);
   for ``drain_s`` seconds everything keeps serving while the load balancer takes the endpoint out;
-  then the proxy soft-stops (closes its listeners, finishes every request it holds, closes idle
-  keep-alive connections so that clients reconnect elsewhere, bounded by its ``hard-stop-after``);
+  then the proxy soft-stops (server.proxy.drain: closes its listeners and idle connections so that
+  clients reconnect elsewhere, finishes every request it holds, bounded by its ``hard-stop-after``);
   then TorchServe and the helpers stop. Exits 0.
 
     python -m server.supervisor --workdir /var/lib/torchserve --config /app/config.effective.properties \
@@ -42,7 +42,7 @@ from server.health import DRAINING_FLAG
 from server.java import java_home
 from server.plan import THREADS_ENV, WORKERS_ENV, plan_from_environment
 from server.processes import family, stop_processes
-from server.proxy import ProxySpec, prepare
+from server.proxy import ProxySpec, drain, prepare
 
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 300.0
@@ -183,12 +183,10 @@ class Supervisor:
         if self.haproxy.exited() is None and self.haproxy.process is not None:
             print(f"draining: not ready, serving on for {self.drain_s:.0f} s while the endpoint is removed", flush=True)
             time.sleep(self.drain_s)
-            self.haproxy.process.send_signal(signal.SIGUSR1)  # soft stop: finish what it holds, then exit
-            try:
-                self.haproxy.process.wait(timeout=self.proxy.hard_stop_s + 5)
-            except subprocess.TimeoutExpired:
-                pass
-            print(f"proxy drained after {time.monotonic() - started:.1f} s", flush=True)
+            took = drain(self.haproxy.process, self.proxy)
+            print(f"proxy drained after {time.monotonic() - started:.1f} s"
+                  + (" (its hard stop: requests still held were cut)" if took >= self.proxy.hard_stop_s else ""),
+                  flush=True)
         for child in self.helpers:
             if child.process is not None:
                 stop_processes(family(child.process.pid), grace=5)
