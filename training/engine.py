@@ -12,9 +12,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX). Without them PyTorch emulates bf16
+    and autocast makes training many times slower than fp32 (docs/TRAINING.md)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CPU and on CUDA cards that support it, fp16 on older CUDA cards."""
-    if not enabled:
+    """bf16 autocast on CUDA cards and CPUs that compute bf16, fp16 on older CUDA cards, else fp32."""
+    if not enabled or (device.type == "cpu" and not cpu_computes_bf16()):
         return contextlib.nullcontext()
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.float16)

@@ -56,7 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=float, help="fraction of steps spent warming up")
     parser.add_argument("--workers", type=int, help="data-loading worker processes")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-amp", dest="amp", action="store_false", help="train in fp32 (default: bf16/fp16 autocast)")
+    parser.add_argument("--no-amp", dest="amp", action="store_false", help="train in fp32 (default: bf16/fp16 autocast where the device computes it natively)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--subset-train", type=int, help="train on the first N images only (smoke runs)")
     parser.add_argument("--subset-test", type=int, help="evaluate on the first N test images only")
