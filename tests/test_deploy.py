@@ -9,6 +9,7 @@ tests/test_image.py (`make image-test`).
 from __future__ import annotations
 
 import copy
+import fnmatch
 import re
 import secrets
 import shlex
@@ -196,12 +197,29 @@ def test_image_runs_as_non_root_and_starts_through_its_supervisor(image: Image, 
     assert port_of(image.healthcheck[image.healthcheck.index("--url") + 1]) == port_of(image.env["HEALTH_BIND"])
 
 
-def test_every_copy_source_exists_in_the_repository(image: Image) -> None:
+def sent_to_the_builder(path: str, patterns: list[str]) -> bool:
+    """Whether ``docker build`` sends ``path`` of the context under .dockerignore's ``patterns``: the last
+    matching pattern wins, ``!`` lets a path in again, and a pattern that matches a directory covers what
+    it holds."""
+    parts, sent = Path(path).parts, True
+    for pattern in patterns:
+        body = pattern.removeprefix("!")
+        if any(fnmatch.fnmatchcase("/".join(parts[:depth]), body) for depth in range(1, len(parts) + 1)):
+            sent = pattern.startswith("!")
+    return sent
+
+
+def test_every_copy_source_exists_and_is_sent_to_the_builder(image: Image) -> None:
+    lines = (line.strip() for line in (REPO_ROOT / ".dockerignore").read_text().splitlines())
+    patterns = [line for line in lines if line and not line.startswith("#")]
+    assert not sent_to_the_builder("model_store/cifar10.mar", patterns)  # the ignore file still excludes
     for word, rest in image.all:
         if word == "COPY" and not rest.startswith("--from"):
             for source in rest.split()[:-1]:
                 if "$" not in source:
                     assert (REPO_ROOT / source).exists(), source
+                source = source.replace("${CIFAR10_DIR}", "build/image/cifar10")  # what make image stages
+                assert sent_to_the_builder(source, patterns), f"{source} is left out by .dockerignore"
 
 
 @pytest.mark.parametrize("file", ["torchserve.yaml", "torchserve-gpu.yaml"])
