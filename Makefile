@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 , := ,
 export CIFAR10_ROOT
 
-.PHONY: venv train evaluate model-store verify docs grpc serve stop test test-fast test-endurance loadtest sweep faults soak hostile peers first-run replicas rollout image image-test clean
+.PHONY: venv train evaluate model-store verify docs grpc serve stop test test-fast test-endurance loadtest sweep faults soak hostile peers profile first-run replicas rollout image image-test clean
 
 # torch and torchvision go first and exactly pinned, so that no resolver ever picks another build.
 venv: $(VENV)/.installed
@@ -138,6 +138,12 @@ image-test: venv grpc
 peers: venv model-store
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m loadtest peers --rounds 3 --users 16 --warm-up 20 --run-time 30 --wrk-time 30
+
+# Where TorchServe's CPU goes per answer, under wrk: JFR samples the frontend, py-spy the workers
+# (docs/PROFILE.md, about 2 min).
+profile: venv model-store
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -m loadtest profile
 
 clean:
 	rm -rf build runs logs key_file.json model_store/*.mar model_store/export-stamp.json

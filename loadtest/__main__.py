@@ -2,7 +2,8 @@
 ``report docs/benchmarks.json ...`` (render a sweep's report again from its JSON), ``faults`` (worker
 faults under load), ``soak`` (the memory soak), ``peers`` (TorchServe against peer servers),
 ``first-run`` (fresh clone to first prediction, timed), ``hostile`` (costly inputs beside good traffic),
-``replicas`` (replicas behind a load balancer through stops, a credential rotation and model updates)."""
+``replicas`` (replicas behind a load balancer through stops, a credential rotation and model updates),
+``profile`` (where TorchServe's CPU goes per answer)."""
 from __future__ import annotations
 
 import importlib
@@ -10,7 +11,8 @@ import sys
 
 SUBCOMMANDS = {"sweep": "loadtest.sweep", "report": "loadtest.report", "faults": "loadtest.faults",
                "soak": "loadtest.soak", "peers": "loadtest.peers.bench",
-               "first-run": "loadtest.first_run", "hostile": "loadtest.hostile", "replicas": "loadtest.replicas"}
+               "first-run": "loadtest.first_run", "hostile": "loadtest.hostile", "replicas": "loadtest.replicas",
+               "profile": "loadtest.profile"}
 
 
 def main(argv: list[str]) -> int:
