@@ -64,6 +64,12 @@ PYTHON_PARTS = {
 TOP = 15
 
 
+def py_spy() -> str | None:
+    """py-spy on PATH, else beside this Python (a venv run without activating it)."""
+    beside = Path(sys.executable).with_name("py-spy")
+    return shutil.which("py-spy") or (str(beside) if beside.exists() else None)
+
+
 def jvm_samples(recording: Path) -> list[list[str]]:
     """Each JFR execution sample as its frames, innermost first (``package.Class.method``)."""
     jfr = Path(java_home()) / "bin" / "jfr"
@@ -72,7 +78,8 @@ def jvm_samples(recording: Path) -> list[list[str]]:
     samples = []
     for event in json.loads(printed)["recording"]["events"]:
         frames = event["values"]["stackTrace"]["frames"] if event["values"].get("stackTrace") else []
-        samples.append([f"{frame['method']['type']['name']}.{frame['method']['name']}" for frame in frames])
+        samples.append([f"{frame['method']['type']['name']}.{frame['method']['name']}".replace("/", ".")
+                        for frame in frames])
     return samples
 
 
@@ -135,7 +142,7 @@ def profile(args: argparse.Namespace, pool: list[bytes]) -> dict[str, Any]:
         jcmd = Path(java_home()) / "bin" / "jcmd"
         subprocess.run([str(jcmd), str(frontend.pid), "JFR.start", "name=profile", "settings=profile",
                         f"filename={recording}"], check=True, capture_output=True)
-        spies = [subprocess.Popen(["py-spy", "record", "--pid", str(process.pid), "--duration", str(args.seconds),
+        spies = [subprocess.Popen([py_spy(), "record", "--pid", str(process.pid), "--duration", str(args.seconds),
                                    "--rate", "100", "--nonblocking", "--format", "raw",
                                    "--output", str(stacks / f"{process.pid}.txt")],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
@@ -151,6 +158,7 @@ def profile(args: argparse.Namespace, pool: list[bytes]) -> dict[str, Any]:
             spy.wait(timeout=60)
         measured = wrk.parse(log.read_text())
         cores = meter.cores(start + 1, start + args.seconds - 1)
+        cores = {group: busy for group, busy in (cores or {}).items() if group in (*groups, "other")}
     finally:
         server.stop()
     answers_per_s = measured["requests_per_s"]
@@ -201,7 +209,7 @@ def main(argv: list[str]) -> int:
     check_data_dir(parser, args.data_dir)
     if not wrk.available():
         parser.error("wrk not found: install it (apt-get install wrk)")
-    if shutil.which("py-spy") is None:
+    if py_spy() is None:
         parser.error("py-spy not found: pip install -e '.[bench]'")
     pool = list(test_images(args.data_dir, args.image_pool)[0])
     report = {"name": args.report_name, "date": datetime.now().astimezone().isoformat(timespec="seconds"),
