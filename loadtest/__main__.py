@@ -12,7 +12,7 @@ import sys
 SUBCOMMANDS = {"sweep": "loadtest.sweep", "report": "loadtest.report", "faults": "loadtest.faults",
                "soak": "loadtest.soak", "peers": "loadtest.peers.bench",
                "first-run": "loadtest.first_run", "hostile": "loadtest.hostile", "replicas": "loadtest.replicas",
-               "profile": "loadtest.profile"}
+               "profile": "loadtest.cpu_profile"}
 
 
 def main(argv: list[str]) -> int:

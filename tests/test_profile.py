@@ -1,11 +1,11 @@
-"""The profile report's arithmetic (loadtest/profile.py): py-spy's collapsed stacks read back, samples
+"""The profile report's arithmetic (loadtest/cpu_profile.py): py-spy's collapsed stacks read back, samples
 attributed to the first part of the request path they pass through. The profiled run itself is
 ``make profile`` (docs/PROFILE.md)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from loadtest.profile import JVM_PARTS, PYTHON_PARTS, python_samples, summarise
+from loadtest.cpu_profile import JVM_PARTS, PYTHON_PARTS, python_samples, summarise
 
 
 def test_collapsed_stacks_are_read_innermost_first_with_their_counts(tmp_path: Path) -> None:
