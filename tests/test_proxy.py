@@ -46,6 +46,21 @@ class SlowBackend(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def start_haproxy(config: Path, port: int) -> subprocess.Popen:
+    """HAProxy on ``config``, once ``port`` accepts connections; its output in the config's .log beside it."""
+    with open(config.with_suffix(".log"), "w") as log:
+        process = subprocess.Popen([haproxy_executable(), "-db", "-f", str(config)], stdout=log,
+                                   stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process
+        except OSError:
+            assert process.poll() is None and time.monotonic() < deadline, config.with_suffix(".log").read_text()
+            time.sleep(0.05)
+
+
 @pytest.fixture
 def proxy(tmp_path: Path):
     backend = http.server.ThreadingHTTPServer(("127.0.0.1", BASE + 2), SlowBackend)
@@ -57,17 +72,7 @@ def proxy(tmp_path: Path):
     spec = ProxySpec("127.0.0.1", BASE, BASE + 1, torchserve, tmp_path / "client-keys", tmp_path / "proxy",
                      hard_stop_s=HARD_STOP_S)
     prepare(spec, INNER_KEY)
-    with open(tmp_path / "haproxy.log", "w") as log:
-        process = subprocess.Popen([haproxy_executable(), "-db", "-f", str(spec.config)], stdout=log,
-                                   stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", BASE), timeout=1).close()
-            break
-        except OSError:
-            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "haproxy.log").read_text()
-            time.sleep(0.05)
+    process = start_haproxy(spec.config, BASE)
     try:
         yield spec, process, key
     finally:
@@ -94,21 +99,6 @@ def test_the_drain_finishes_what_it_holds_and_takes_nothing_new(proxy) -> None:
         requests.post(url, data=b"x", headers={"Authorization": f"Bearer {key}"}, timeout=5)
 
 
-def start_haproxy(config: Path, text: str, port: int) -> subprocess.Popen:
-    config.write_text(text)
-    with open(config.with_suffix(".log"), "w") as log:
-        process = subprocess.Popen([haproxy_executable(), "-db", "-f", str(config)], stdout=log,
-                                   stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return process
-        except OSError:
-            assert process.poll() is None and time.monotonic() < deadline, config.with_suffix(".log").read_text()
-            time.sleep(0.05)
-
-
 def test_an_idle_grpc_channel_does_not_hold_the_drain_until_the_hard_stop(proxy) -> None:
     spec, process, _ = proxy
     with TorchServeGrpc(inference_target=spec.grpc_target, keys={"inference": "not-a-client-key"}) as client:
@@ -122,10 +112,12 @@ def test_a_load_balancers_pooled_http2_connection_does_not_hold_the_drain(proxy,
     """An HTTP/2 client that keeps its idle connection after the proxy's GOAWAY: another HAProxy in front,
     as a load balancer or ingress pools its connections to the pods."""
     spec, process, _ = proxy
-    front = start_haproxy(tmp_path / "front.cfg", "\n".join([
+    front_config = tmp_path / "front.cfg"
+    front_config.write_text("\n".join([
         "defaults", "    mode http", "    timeout connect 2s", "    timeout client 60s", "    timeout server 60s",
         "frontend grpc", f"    bind 127.0.0.1:{BASE + 5} proto h2", "    default_backend replica",
-        "backend replica", f"    server proxy {spec.grpc_target} proto h2", ""]), BASE + 5)
+        "backend replica", f"    server proxy {spec.grpc_target} proto h2", ""]))
+    front = start_haproxy(front_config, BASE + 5)
     try:
         with TorchServeGrpc(inference_target=f"127.0.0.1:{BASE + 5}", keys={"inference": "wrong"}) as client:
             with pytest.raises(grpc.RpcError) as refused:
