@@ -157,37 +157,41 @@ def test_a_replica_stopped_with_sigterm_drains_and_comes_back_without_a_failed_r
     assert not load.failed(), dict(load.outcomes)
 
 
-def test_a_bad_model_is_refused_by_the_rollout_and_the_old_one_keeps_serving(cluster, test_images, data_root) -> None:
-    replicas = cluster["replicas"]
+def roll_out_under_load(cluster, test_images, data_root: Path, archive: str, answers: int) -> list[dict]:
+    """``archive`` rolled out to every replica while the load runs (and goes on for ``answers`` more); every
+    request answered; the rollout's outcome per replica."""
     images = held_out_images(str(data_root), CHECK_IMAGES)
     with Load(cluster["balancer"].rest_url, cluster["key"], test_images[:32]) as load:
-        outcomes = roll_out(replicas, cluster["store"] / f"{MODEL}_v2_rotated.mar", images)
-        load.more(2 * SENDERS)
+        outcomes = roll_out(cluster["replicas"], cluster["store"] / archive, images)
+        load.more(answers)
     assert not load.failed(), dict(load.outcomes)
+    return outcomes
+
+
+def versions_held(replica: Replica) -> list[str]:
+    with TorchServeGrpc(replica.grpc_inference_target, replica.grpc_management_target, replica.keys()) as client:
+        return [d["modelVersion"] for d in client.describe(MODEL, "all")]
+
+
+def test_a_bad_model_is_refused_by_the_rollout_and_the_old_one_keeps_serving(cluster, test_images, data_root) -> None:
+    replicas = cluster["replicas"]
+    outcomes = roll_out_under_load(cluster, test_images, data_root, f"{MODEL}_v2_rotated.mar", 2 * SENDERS)
     for outcome in outcomes:
         assert not outcome["succeeded"] and "held-out test images" in outcome["reason"], outcome
         assert outcome["steps"][-1]["step"] == "rolled back"
     assert default_versions(replicas) == {"r0": "1.0", "r1": "1.0"}
-    for replica in replicas:  # the refused version is gone
-        with TorchServeGrpc(replica.grpc_inference_target, replica.grpc_management_target, replica.keys()) as client:
-            assert [d["modelVersion"] for d in client.describe(MODEL, "all")] == ["1.0"]
+    assert {r.name: versions_held(r) for r in replicas} == {"r0": ["1.0"], "r1": ["1.0"]}  # the refused one is gone
 
 
 def test_a_model_update_under_load_drops_nothing(cluster, test_images, data_root) -> None:
     replicas = cluster["replicas"]
-    images = held_out_images(str(data_root), CHECK_IMAGES)
-    with Load(cluster["balancer"].rest_url, cluster["key"], test_images[:32]) as load:
-        outcomes = roll_out(replicas, cluster["store"] / f"{MODEL}_v2.mar", images)
-        load.more(4 * SENDERS)
-    assert not load.failed(), dict(load.outcomes)
+    outcomes = roll_out_under_load(cluster, test_images, data_root, f"{MODEL}_v2.mar", 4 * SENDERS)
     assert all(outcome["succeeded"] for outcome in outcomes), outcomes
     assert [step["step"] for step in outcomes[0]["steps"]] == [
         "registered with READY workers", "accuracy checked", "made the default", "old version drained",
         "old version unregistered"]
     assert default_versions(replicas) == {"r0": "2.0", "r1": "2.0"}
-    for replica in replicas:
-        with TorchServeGrpc(replica.grpc_inference_target, replica.grpc_management_target, replica.keys()) as client:
-            assert [d["modelVersion"] for d in client.describe(MODEL, "all")] == ["2.0"]
+    assert {r.name: versions_held(r) for r in replicas} == {"r0": ["2.0"], "r1": ["2.0"]}
 
 
 def helper(replica: Replica, module: str) -> psutil.Process:
