@@ -134,13 +134,13 @@ image-test: venv grpc
 	CIFAR10_TEST_IMAGE=$(IMAGE) DOCKER=$(DOCKER) $(PY) -m pytest tests/test_image.py $(PYTEST_ARGS)
 
 # TorchServe as shipped against FastAPI/uvicorn, LitServe, Ray Serve and BentoML on the same archive, loaded by
-# Locust and then by wrk (docs/PEERS.md, about 35 min). wrk is Debian's: apt-get install wrk.
+# Locust and then by wrk (docs/PEERS.md, about 45 min). wrk is Debian's: apt-get install wrk.
 peers: venv model-store
 	$(PY) -m pip install --quiet -e '.[bench]'
-	$(PY) -m loadtest peers --rounds 3 --users 16 --warm-up 20 --run-time 30 --wrk-time 30
+	$(PY) -m loadtest peers --rounds 3 --users 16 --warm-up 60 --run-time 30 --wrk-time 30
 
 # Where TorchServe's CPU goes per answer, under wrk: JFR samples the frontend, py-spy the workers
-# (docs/PROFILE.md, about 2 min).
+# (docs/PROFILE.md, about 3 min).
 profile: venv model-store
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m loadtest profile

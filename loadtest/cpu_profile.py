@@ -8,6 +8,8 @@ CIFAR-10 PNGs, closed loop), warmed up, then one measured window in which
 
 - the CPU time of the frontend (the JVM), of the workers (each with the decoder processes it forks)
   and of wrk is read from /proc, as milliseconds of CPU per answer;
+- the CPU time of each of the frontend's threads is read from /proc, grouped by thread name: JFR does
+  not see the JIT compiler, the garbage collector or Netty's native transport;
 - JFR, the JDK's own sampling profiler (``jcmd JFR.start``), samples the frontend's Java threads;
 - py-spy samples the Python stacks of every worker process (``--nonblocking``: the worker is not paused).
 
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -83,6 +87,29 @@ def kernel_and_user(processes: list[psutil.Process]) -> tuple[float, float]:
     return kernel, user
 
 
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) of each thread of a process, by thread id, with the thread's name."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    threads = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended since the directory was listed
+            continue
+        name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        threads[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / ticks)  # utime, stime
+    return threads
+
+
+def thread_groups(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> Counter:
+    """CPU seconds spent between two ``thread_cpu`` readings per kind of thread: the name with its numbers
+    replaced by ``#`` ("C2 CompilerThre", "epollEventLoopG", "W-9000-cifar10_1.0" -> "W-#-cifar#_#.#")."""
+    groups = Counter()
+    for tid, (name, seconds) in after.items():
+        groups[re.sub(r"\d+", "#", name)] += seconds - before.get(tid, (name, 0.0))[1]
+    return groups
+
+
 def jvm_samples(recording: Path) -> list[list[str]]:
     """Each JFR execution sample as its frames, innermost first (``package.Class.method``)."""
     jfr = Path(java_home()) / "bin" / "jfr"
@@ -124,7 +151,8 @@ def summarise(samples: list[tuple[list[str], int]], parts: dict[str, tuple[str, 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m loadtest profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=bounded(5, 600), default=30, help="measured window (default: 30)")
-    parser.add_argument("--warm-up", type=bounded(1, 600), default=20, help="seconds of load first (default: 20)")
+    parser.add_argument("--warm-up", type=bounded(1, 600), default=60,
+                        help="seconds of load first: the JVM's JIT compiler works through the first ~60 s (default: 60)")
     parser.add_argument("--connections", type=bounded(1, 1000), default=16, help="wrk's connections (default: 16)")
     parser.add_argument("--model-store", type=Path, default=REPO_ROOT / "model_store")
     parser.add_argument("--data-dir", default=default_data_dir(), help="directory holding cifar-10-batches-py")
@@ -165,8 +193,10 @@ def profile(args: argparse.Namespace, pool: list[bytes]) -> dict[str, Any]:
         load = wrk.start(server.url, script, args.connections, 1, args.seconds, log)
         groups = {"frontend": [frontend], "workers": [*workers, *decoders], "wrk": [psutil.Process(load.pid)]}
         before = {group: kernel_and_user(processes) for group, processes in groups.items() if group != "wrk"}
+        threads_before = thread_cpu(frontend.pid)
         with GroupMeter(groups) as meter:
             load.wait(timeout=args.seconds + 60)
+        threads = thread_groups(threads_before, thread_cpu(frontend.pid))
         after = {group: kernel_and_user(processes) for group, processes in groups.items() if group != "wrk"}
         subprocess.run([str(jcmd), str(frontend.pid), "JFR.stop", "name=profile"], check=True, capture_output=True)
         for spy in spies:
@@ -177,11 +207,14 @@ def profile(args: argparse.Namespace, pool: list[bytes]) -> dict[str, Any]:
     finally:
         server.stop()
     answers_per_s = measured["requests_per_s"]
+    answers = max(measured["requests"], 1)
     worker_samples = [sample for path in sorted(stacks.glob("*.txt")) for sample in python_samples(path)]
     return {
         "answers_per_s": answers_per_s, "latency_ms": measured["latency_ms"], "non_2xx": measured["non_2xx"] + measured["socket_errors"],
         "cores": cores,
         "cpu_ms_per_answer": {group: round(1000 * busy / answers_per_s, 2) for group, busy in (cores or {}).items()},
+        "frontend_threads_ms_per_answer": {name: round(1000 * seconds / answers, 3) for name, seconds in threads.most_common(TOP)
+                                           if seconds > 0},
         "frontend": summarise([(frames, 1) for frames in jvm_samples(recording)], JVM_PARTS),
         "workers": summarise(worker_samples, PYTHON_PARTS),
         "processes": {"frontend": 1, "workers": len(workers), "decoders": len(decoders)},
@@ -210,6 +243,12 @@ def markdown(report: dict[str, Any]) -> str:
         *(f"| {group} | {busy} | {result['cpu_ms_per_answer'][group]} | "
           f"{result['kernel_percent'].get(group, 'n/a')}{'%' if group in result['kernel_percent'] else ''} |"
           for group, busy in (result["cores"] or {}).items()),
+        "",
+        "## Frontend threads (CPU time from /proc)",
+        "",
+        "| thread (numbers as #) | CPU ms per answer |",
+        "|---|---|",
+        *(f"| `{name}` | {ms} |" for name, ms in result["frontend_threads_ms_per_answer"].items()),
         "",
     ]
     for side, title in (("frontend", "Frontend (JVM, JFR execution samples)"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 
 from loadtest.affinity import placement
 from loadtest.archive import read_archive, rewrite
-from loadtest.ceiling import images_per_second
+from loadtest.ceiling import images_per_second, window_rates
 from loadtest.check import accuracy_floor, answer_error, correct_labels
 from loadtest.cpu_usage import CpuMeter
 from loadtest.entries import CORRECT, EXAMPLES
@@ -304,6 +305,33 @@ def test_a_disturbed_second_does_not_lower_the_ceiling() -> None:
 
     rate = images_per_second(run_batch, batch_size=4, seconds=0.5)
     assert 4 / 0.0035 < rate <= 4 / 0.002  # the undisturbed speed, not the mean
+
+
+def burn_on_request(connection) -> None:
+    """A child that spends ~20 ms of CPU per byte it receives, then answers: the shape of the decoder."""
+    while connection.recv_bytes():
+        until = time.process_time() + 0.02
+        while time.process_time() < until:
+            pass
+        connection.send_bytes(b"done")
+
+
+def test_the_ceiling_counts_the_cpu_of_its_child_processes() -> None:
+    """The handler decodes in a forked child: images per CPU-second must count that child's CPU, or the
+    in-process pipeline looks cheaper than a served worker that does the same work."""
+    parent, child = multiprocessing.get_context("fork").Pipe()
+    worker = multiprocessing.get_context("fork").Process(target=burn_on_request, args=(child,), daemon=True)
+    worker.start()
+    try:
+        def run_batch(index: int) -> None:
+            parent.send_bytes(b"x")
+            parent.recv_bytes()
+
+        _, per_cpu = window_rates(run_batch, batch_size=4, seconds=0.5)
+    finally:
+        parent.send_bytes(b"")
+        worker.join(5)
+    assert per_cpu < 4 / 0.015  # about 4 images per 20 ms of the child's CPU; the parent alone barely works
 
 
 def test_the_accuracy_floor_separates_a_verified_model_from_a_wrong_one() -> None:

@@ -3,9 +3,13 @@ attributed to the first part of the request path they pass through. The profiled
 ``make profile`` (docs/PROFILE.md)."""
 from __future__ import annotations
 
+import ctypes
+import os
+import threading
+import time
 from pathlib import Path
 
-from loadtest.cpu_profile import JVM_PARTS, PYTHON_PARTS, python_samples, summarise
+from loadtest.cpu_profile import JVM_PARTS, PYTHON_PARTS, python_samples, summarise, thread_cpu, thread_groups
 
 
 def test_collapsed_stacks_are_read_innermost_first_with_their_counts(tmp_path: Path) -> None:
@@ -37,3 +41,42 @@ def test_a_worker_sample_in_the_model_is_not_counted_as_protocol() -> None:
     frames = ["run (onnxruntime/capi/onnxruntime_inference_collection.py:1)", "_run_onnx (cifar10_handler.py:2)",
               "handle (ts/service.py:3)", "handle_connection (ts/model_service_worker.py:4)"]
     assert summarise([(frames, 4)], PYTHON_PARTS)["parts"]["model (ONNX Runtime or torch)"] == 100.0
+
+
+def burn(name: bytes, seconds: float, done: threading.Event, release: threading.Event) -> None:
+    """Name this OS thread (what /proc shows, as the JVM names its threads), spend ``seconds`` of CPU, and
+    stay alive until released: /proc forgets a thread once it ends."""
+    ctypes.CDLL(None).prctl(15, ctypes.c_char_p(name))  # PR_SET_NAME
+    until = time.thread_time() + seconds
+    while time.thread_time() < until:
+        pass
+    done.set()
+    release.wait(10)
+
+
+def test_thread_cpu_is_counted_per_kind_of_thread() -> None:
+    """Two threads of one kind (names differing only in numbers) are one row with both threads' CPU: the
+    way the JIT compiler's CPU, which JFR does not sample, is found."""
+    before, release = thread_cpu(os.getpid()), threading.Event()
+    done = [threading.Event(), threading.Event()]
+    threads = [threading.Thread(target=burn, args=(name, 0.3, flag, release))
+               for name, flag in zip((b"Compiler-1", b"Compiler-22"), done)]
+    for thread in threads:
+        thread.start()
+    try:
+        assert all(flag.wait(10) for flag in done)
+        groups = thread_groups(before, thread_cpu(os.getpid()))
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join()
+    assert 0.5 <= groups["Compiler-#"] <= 1.0
+    assert "Compiler-1" not in groups and "Compiler-22" not in groups
+
+
+def test_thread_groups_take_the_difference_and_merge_numbered_names() -> None:
+    before = {1: ("C2 CompilerThre", 5.0), 2: ("epollEventLoopG", 1.0)}
+    after = {1: ("C2 CompilerThre", 7.5), 2: ("epollEventLoopG", 1.5), 3: ("epollEventLoopG", 0.25),
+             4: ("W-9000-cifar10_1.0", 0.5)}
+    groups = thread_groups(before, after)
+    assert groups == {"C# CompilerThre": 2.5, "epollEventLoopG": 0.75, "W-#-cifar#_#.#": 0.5}

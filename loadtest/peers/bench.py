@@ -152,7 +152,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--archive", type=Path, help=f"what the peers serve (default: MODEL_STORE/{DEFAULT_MODEL}.mar)")
     parser.add_argument("--rounds", type=bounded(1, 20), default=3, help="default: 3")
     parser.add_argument("--users", type=bounded(1, 1000), default=16, help="closed-loop Locust users (default: 16)")
-    parser.add_argument("--warm-up", type=bounded(1, 600), default=10, help="seconds of load first (default: 10)")
+    parser.add_argument("--warm-up", type=bounded(1, 600), default=60,
+                        help="seconds of load first, for every server: TorchServe's JIT compiler works through "
+                             "about the first 60 s (default: 60)")
     parser.add_argument("--run-time", type=bounded(1, 3600), default=30, help="measured seconds of Locust (default: 30)")
     parser.add_argument("--wrk-time", type=bounded(0, 3600), default=30,
                         help="measured seconds of wrk after Locust's; 0 leaves wrk out (default: 30)")
