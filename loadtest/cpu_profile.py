@@ -4,18 +4,21 @@
     python -m loadtest profile --seconds 10 --report-name profile_try --docs-dir build
 
 TorchServe as shipped (the peers' ``torchserve`` contender) under wrk (the peers' C client: the same
-CIFAR-10 PNGs, closed loop), warmed up, then one measured window in which
+CIFAR-10 PNGs, closed loop), warmed up, then two measured windows. In both
 
 - the CPU time of the frontend (the JVM), of the workers (each with the decoder processes it forks)
   and of wrk is read from /proc, as milliseconds of CPU per answer;
 - the CPU time of each of the frontend's threads is read from /proc, grouped by thread name: JFR does
-  not see the JIT compiler, the garbage collector or Netty's native transport;
+  not see the JIT compiler, the garbage collector or Netty's native transport.
+
+The first window runs without profilers: its CPU per answer is the server's own. In the second
+
 - JFR, the JDK's own sampling profiler (``jcmd JFR.start``), samples the frontend's Java threads;
 - py-spy samples the Python stacks of every worker process (``--nonblocking``: the worker is not paused).
 
-Both profilers add some CPU of their own, so the window's answers/s sit a little below an unprofiled
-run's (docs/PEERS.md has those). The report lists, per side, the methods most often on CPU (self
-samples) and the share of samples inside each part of the request path.
+Both profilers cost CPU, and starting JFR sets the JIT compiler to work again, so the second window is
+for where the time goes, not how much there is. The report lists, per side, the methods most often
+on CPU (self samples) and the share of samples inside each part of the request path.
 """
 from __future__ import annotations
 
@@ -164,8 +167,37 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def measure_window(server: RunningTorchServe, script: Path, args: argparse.Namespace, frontend: psutil.Process,
+                   workers: list[psutil.Process], log: Path) -> dict[str, Any]:
+    """One wrk window: answers/s and latency, and the CPU per answer of each process group and of each
+    kind of frontend thread, read from /proc."""
+    start = time.time()
+    load = wrk.start(server.url, script, args.connections, 1, args.seconds, log)
+    groups = {"frontend": [frontend], "workers": workers, "wrk": [psutil.Process(load.pid)]}
+    before = {group: kernel_and_user(processes) for group, processes in groups.items() if group != "wrk"}
+    threads_before = thread_cpu(frontend.pid)
+    with GroupMeter(groups) as meter:
+        load.wait(timeout=args.seconds + 60)
+    threads = thread_groups(threads_before, thread_cpu(frontend.pid))
+    after = {group: kernel_and_user(processes) for group, processes in groups.items() if group != "wrk"}
+    measured = wrk.parse(log.read_text())
+    cores = {group: busy for group, busy in (meter.cores(start + 1, start + args.seconds - 1) or {}).items()
+             if group in (*groups, "other")}
+    answers_per_s, answers = measured["requests_per_s"], max(measured["requests"], 1)
+    return {
+        "answers_per_s": answers_per_s, "latency_ms": measured["latency_ms"],
+        "non_2xx": measured["non_2xx"] + measured["socket_errors"], "cores": cores,
+        "cpu_ms_per_answer": {group: round(1000 * busy / answers_per_s, 2) for group, busy in cores.items()},
+        "frontend_threads_ms_per_answer": {name: round(1000 * seconds / answers, 3)
+                                           for name, seconds in threads.most_common(TOP) if seconds > 0},
+        "kernel_percent": {group: round(100 * (after[group][0] - before[group][0])
+                                        / max(sum(after[group]) - sum(before[group]), 1e-9), 1) for group in after},
+    }
+
+
 def profile(args: argparse.Namespace, pool: list[bytes]) -> dict[str, Any]:
-    """One profiled window against a warm TorchServe as shipped."""
+    """Against a warm TorchServe as shipped: one window unprofiled, for the CPU per answer, then one with
+    JFR and py-spy, for where it goes (starting JFR sets the JIT compiler to work again)."""
     args.output_dir.mkdir(parents=True, exist_ok=True)
     server = RunningTorchServe(parse_contender("torchserve"), args.model_store, args.output_dir / "torchserve",
                                args.port_base)
@@ -178,6 +210,8 @@ def profile(args: argparse.Namespace, pool: list[bytes]) -> dict[str, Any]:
         warm = wrk.start(server.url, script, args.connections, 1, args.warm_up, args.output_dir / "warm-up.log")
         warm.wait(timeout=args.warm_up + 60)
         decoders = [child for worker in workers for child in worker.children(recursive=True)]
+        unprofiled = measure_window(server, script, args, frontend, [*workers, *decoders],
+                                    args.output_dir / "wrk-unprofiled.log")
         recording, stacks = args.output_dir / "frontend.jfr", args.output_dir / "workers"
         stacks.mkdir(exist_ok=True)
         jcmd = Path(java_home()) / "bin" / "jcmd"
@@ -188,43 +222,31 @@ def profile(args: argparse.Namespace, pool: list[bytes]) -> dict[str, Any]:
                                    "--output", str(stacks / f"{process.pid}.txt")],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
                  for process in [*workers, *decoders]]
-        log = args.output_dir / "wrk.log"
-        start = time.time()
-        load = wrk.start(server.url, script, args.connections, 1, args.seconds, log)
-        groups = {"frontend": [frontend], "workers": [*workers, *decoders], "wrk": [psutil.Process(load.pid)]}
-        before = {group: kernel_and_user(processes) for group, processes in groups.items() if group != "wrk"}
-        threads_before = thread_cpu(frontend.pid)
-        with GroupMeter(groups) as meter:
-            load.wait(timeout=args.seconds + 60)
-        threads = thread_groups(threads_before, thread_cpu(frontend.pid))
-        after = {group: kernel_and_user(processes) for group, processes in groups.items() if group != "wrk"}
+        profiled = measure_window(server, script, args, frontend, [*workers, *decoders], args.output_dir / "wrk.log")
         subprocess.run([str(jcmd), str(frontend.pid), "JFR.stop", "name=profile"], check=True, capture_output=True)
         for spy in spies:
             spy.wait(timeout=60)
-        measured = wrk.parse(log.read_text())
-        cores = meter.cores(start + 1, start + args.seconds - 1)
-        cores = {group: busy for group, busy in (cores or {}).items() if group in (*groups, "other")}
     finally:
         server.stop()
-    answers_per_s = measured["requests_per_s"]
-    answers = max(measured["requests"], 1)
     worker_samples = [sample for path in sorted(stacks.glob("*.txt")) for sample in python_samples(path)]
     return {
-        "answers_per_s": answers_per_s, "latency_ms": measured["latency_ms"], "non_2xx": measured["non_2xx"] + measured["socket_errors"],
-        "cores": cores,
-        "cpu_ms_per_answer": {group: round(1000 * busy / answers_per_s, 2) for group, busy in (cores or {}).items()},
-        "frontend_threads_ms_per_answer": {name: round(1000 * seconds / answers, 3) for name, seconds in threads.most_common(TOP)
-                                           if seconds > 0},
+        "unprofiled": unprofiled, "profiled": profiled,
         "frontend": summarise([(frames, 1) for frames in jvm_samples(recording)], JVM_PARTS),
         "workers": summarise(worker_samples, PYTHON_PARTS),
         "processes": {"frontend": 1, "workers": len(workers), "decoders": len(decoders)},
-        "kernel_percent": {group: round(100 * (after[group][0] - before[group][0])
-                                        / max(sum(after[group]) - sum(before[group]), 1e-9), 1) for group in after},
     }
 
 
 def markdown(report: dict[str, Any]) -> str:
     result = report["result"]
+    windows = {"unprofiled": result["unprofiled"], "profiled": result["profiled"]}
+    groups = list(dict.fromkeys(group for window in windows.values() for group in window["cores"]))
+    threads = list(dict.fromkeys(name for window in windows.values() for name in window["frontend_threads_ms_per_answer"]))
+
+    def cell(window: dict[str, Any], key: str, name: str, suffix: str = "") -> str:
+        value = window[key].get(name)
+        return "n/a" if value is None else f"{value}{suffix}"
+
     lines = [
         "# Where TorchServe's CPU goes per answer",
         "",
@@ -233,26 +255,31 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"**Machine:** {machine_line(report['machine'])}. TorchServe as shipped ({result['processes']['workers']} worker "
         f"processes across its archives, {result['processes']['decoders']} decoder processes), wrk with {report['connections']} connections, "
-        f"{report['seconds']} s measured after {report['warm_up_s']} s of warm-up, JFR and py-spy sampling.",
+        f"{report['warm_up_s']} s of warm-up, then two windows of {report['seconds']} s: the first unprofiled, the "
+        "second with JFR on the frontend and py-spy on the workers (the profilers' own CPU shows as \"other\").",
         "",
-        f"**{result['answers_per_s']:.0f} answers/s**, p99 {result['latency_ms'].get('p99')} ms, "
-        f"{result['non_2xx']} non-2xx.",
+        "| | unprofiled | profiled |",
+        "|---|---|---|",
+        "| answers/s | " + " | ".join(f"{w['answers_per_s']:.0f}" for w in windows.values()) + " |",
+        "| p99 ms | " + " | ".join(f"{w['latency_ms'].get('p99')}" for w in windows.values()) + " |",
+        "| non-2xx | " + " | ".join(f"{w['non_2xx']}" for w in windows.values()) + " |",
         "",
-        "| process group | cores busy | CPU ms per answer | of which in the kernel |",
-        "|---|---|---|---|",
-        *(f"| {group} | {busy} | {result['cpu_ms_per_answer'][group]} | "
-          f"{result['kernel_percent'].get(group, 'n/a')}{'%' if group in result['kernel_percent'] else ''} |"
-          for group, busy in (result["cores"] or {}).items()),
+        "| process group | cores busy | CPU ms per answer | of which in the kernel | cores busy, profiled | CPU ms per answer, profiled |",
+        "|---|---|---|---|---|---|",
+        *(f"| {group} | {cell(windows['unprofiled'], 'cores', group)} | {cell(windows['unprofiled'], 'cpu_ms_per_answer', group)} | "
+          f"{cell(windows['unprofiled'], 'kernel_percent', group, '%')} | {cell(windows['profiled'], 'cores', group)} | "
+          f"{cell(windows['profiled'], 'cpu_ms_per_answer', group)} |" for group in groups),
         "",
         "## Frontend threads (CPU time from /proc)",
         "",
-        "| thread (numbers as #) | CPU ms per answer |",
-        "|---|---|",
-        *(f"| `{name}` | {ms} |" for name, ms in result["frontend_threads_ms_per_answer"].items()),
+        "| thread (numbers as #) | CPU ms per answer | profiled |",
+        "|---|---|---|",
+        *(f"| `{name}` | {cell(windows['unprofiled'], 'frontend_threads_ms_per_answer', name)} | "
+          f"{cell(windows['profiled'], 'frontend_threads_ms_per_answer', name)} |" for name in threads),
         "",
     ]
-    for side, title in (("frontend", "Frontend (JVM, JFR execution samples)"),
-                        ("workers", "Workers (Python, py-spy samples, decoders included)")):
+    for side, title in (("frontend", "Frontend (JVM, JFR execution samples, profiled window)"),
+                        ("workers", "Workers (Python, py-spy samples, decoders included, profiled window)")):
         summary = result[side]
         lines += [f"## {title}", "", f"{summary['samples']} samples.", "", "| part of the request path | % of samples |",
                   "|---|---|", *(f"| {name} | {share} |" for name, share in summary["parts"].items()), "",
@@ -277,7 +304,8 @@ def main(argv: list[str]) -> int:
     args.docs_dir.mkdir(parents=True, exist_ok=True)
     write_json(args.docs_dir / f"{args.report_name}.json", report)
     (args.docs_dir / f"{args.report_name.upper()}.md").write_text(markdown(report))
-    print(json.dumps(report["result"]["cpu_ms_per_answer"]), flush=True)
+    print(json.dumps({window: report["result"][window]["cpu_ms_per_answer"] for window in ("unprofiled", "profiled")}),
+          flush=True)
     return 0
 
 

@@ -9,7 +9,15 @@ import threading
 import time
 from pathlib import Path
 
-from loadtest.cpu_profile import JVM_PARTS, PYTHON_PARTS, python_samples, summarise, thread_cpu, thread_groups
+from loadtest.cpu_profile import (
+    JVM_PARTS,
+    PYTHON_PARTS,
+    markdown,
+    python_samples,
+    summarise,
+    thread_cpu,
+    thread_groups,
+)
 
 
 def test_collapsed_stacks_are_read_innermost_first_with_their_counts(tmp_path: Path) -> None:
@@ -80,3 +88,24 @@ def test_thread_groups_take_the_difference_and_merge_numbered_names() -> None:
              4: ("W-9000-cifar10_1.0", 0.5)}
     groups = thread_groups(before, after)
     assert groups == {"C# CompilerThre": 2.5, "epollEventLoopG": 0.75, "W-#-cifar#_#.#": 0.5}
+
+
+def test_the_report_shows_both_windows_and_marks_what_one_of_them_lacks() -> None:
+    """A thread kind seen only while profiling (JFR's own, or the JIT woken by JFR) reads n/a in the
+    unprofiled column rather than being dropped or shown as zero."""
+    window = {"answers_per_s": 200.0, "latency_ms": {"p99": 110.0}, "non_2xx": 0,
+              "cores": {"frontend": 0.06, "workers": 1.8}, "cpu_ms_per_answer": {"frontend": 0.3, "workers": 9.0},
+              "kernel_percent": {"frontend": 9.0, "workers": 2.5},
+              "frontend_threads_ms_per_answer": {"epollEventLoopG": 0.13}}
+    profiled = window | {"frontend_threads_ms_per_answer": {"C# CompilerThre": 1.6, "epollEventLoopG": 0.19}}
+    summary = {"samples": 1, "parts": {"other": 100.0}, "top_self": []}
+    report = {"command": "python -m loadtest profile", "date": "2026-12-06", "name": "profile", "seconds": 30,
+              "warm_up_s": 60, "connections": 16,
+              "machine": {"cpu": "test CPU", "cores": 2, "memory_gib": 1.0, "os": "test", "python": "3.11",
+                          "versions": {}, "load_average": [0.0, 0.0, 0.0]},
+              "result": {"unprofiled": window, "profiled": profiled, "frontend": summary, "workers": summary,
+                         "processes": {"frontend": 1, "workers": 2, "decoders": 2}}}
+    text = markdown(report)
+    assert "| `C# CompilerThre` | n/a | 1.6 |" in text
+    assert "| `epollEventLoopG` | 0.13 | 0.19 |" in text
+    assert "| frontend | 0.06 | 0.3 | 9.0% | 0.06 | 0.3 |" in text
