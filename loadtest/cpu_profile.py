@@ -167,12 +167,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def measure_window(server: RunningTorchServe, script: Path, args: argparse.Namespace, frontend: psutil.Process,
+def measure_window(url: str, script: Path, args: argparse.Namespace, frontend: psutil.Process,
                    workers: list[psutil.Process], log: Path) -> dict[str, Any]:
-    """One wrk window: answers/s and latency, and the CPU per answer of each process group and of each
-    kind of frontend thread, read from /proc."""
+    """One wrk window of ``args.seconds`` with ``args.connections``: answers/s and latency, and the CPU per
+    answer of each process group and of each kind of frontend thread, read from /proc."""
     start = time.time()
-    load = wrk.start(server.url, script, args.connections, 1, args.seconds, log)
+    load = wrk.start(url, script, args.connections, 1, args.seconds, log)
     groups = {"frontend": [frontend], "workers": workers, "wrk": [psutil.Process(load.pid)]}
     before = {group: kernel_and_user(processes) for group, processes in groups.items() if group != "wrk"}
     threads_before = thread_cpu(frontend.pid)
@@ -210,7 +210,7 @@ def profile(args: argparse.Namespace, pool: list[bytes]) -> dict[str, Any]:
         warm = wrk.start(server.url, script, args.connections, 1, args.warm_up, args.output_dir / "warm-up.log")
         warm.wait(timeout=args.warm_up + 60)
         decoders = [child for worker in workers for child in worker.children(recursive=True)]
-        unprofiled = measure_window(server, script, args, frontend, [*workers, *decoders],
+        unprofiled = measure_window(server.url, script, args, frontend, [*workers, *decoders],
                                     args.output_dir / "wrk-unprofiled.log")
         recording, stacks = args.output_dir / "frontend.jfr", args.output_dir / "workers"
         stacks.mkdir(exist_ok=True)
@@ -222,7 +222,7 @@ def profile(args: argparse.Namespace, pool: list[bytes]) -> dict[str, Any]:
                                    "--output", str(stacks / f"{process.pid}.txt")],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
                  for process in [*workers, *decoders]]
-        profiled = measure_window(server, script, args, frontend, [*workers, *decoders], args.output_dir / "wrk.log")
+        profiled = measure_window(server.url, script, args, frontend, [*workers, *decoders], args.output_dir / "wrk.log")
         subprocess.run([str(jcmd), str(frontend.pid), "JFR.stop", "name=profile"], check=True, capture_output=True)
         for spy in spies:
             spy.wait(timeout=60)
