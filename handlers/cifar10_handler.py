@@ -63,6 +63,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_SOS = b"\xff\xda"  # start of scan: every scan of every frame begins with these two bytes
 SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit grayscale PNG
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+# PNG decoding costs per row as well as per pixel: a 1 x 4096*4096 strip within the pixel budget costs
+# ~0.8 s. JPEG's own limit on a side bounds the rows to a few ms (docs/SERVING.md, "Work budget").
+DEFAULT_MAX_IMAGE_SIDE = 65535
 # Decode budget per request, summed over its images and checked from their headers before any is
 # decoded: 2 MiB of well-compressed PNG can otherwise ask for 64 x 4096 x 4096 pixels.
 DEFAULT_MAX_REQUEST_PIXELS = 4096 * 4096
@@ -110,6 +113,7 @@ class Limits:
     """What one image may be: pixels from its header, and the structures that cost work beyond the pixels."""
 
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_side: int = DEFAULT_MAX_IMAGE_SIDE
     max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS
     max_jpeg_header_markers: int = DEFAULT_MAX_JPEG_HEADER_MARKERS
     max_png_chunks: int = DEFAULT_MAX_PNG_CHUNKS
@@ -187,13 +191,19 @@ def open_image(body: bytes, limits: Limits) -> Image.Image:
     if width * height > max_pixels:
         # Checked from the header, before decoding, so a decompression bomb never allocates its pixels.
         raise BadInput(413, f"image is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}")
+    if max(width, height) > limits.max_side:
+        raise BadInput(413, f"image is {width}x{height} pixels, a side longer than the limit of {limits.max_side}")
     if width < 1 or height < 1:
         raise BadInput(400, f"image is {width}x{height} pixels: nothing to classify")
     return image
 
 
 def load_rgb(image: Image.Image) -> Image.Image:
-    """Decode an opened image into an upright RGB image, or BadInput if its data is broken."""
+    """Decode an opened image into the centred square of its upright self in RGB, or BadInput if its data is broken.
+
+    Cropped before the mode conversion (which is per pixel), so that a long image is converted only
+    where the model will look.
+    """
     fmt = ACCEPTED_FORMATS[image.format]
     try:
         if fmt == "JPEG":
@@ -203,7 +213,7 @@ def load_rgb(image: Image.Image) -> Image.Image:
         image.load()
     except Exception as err:  # libpng/libjpeg report truncation and corruption with many exception types
         raise BadInput(400, f"truncated or corrupt {fmt} image: {type(err).__name__}: {err}")
-    return to_rgb(upright(image))
+    return to_rgb(centre_square(upright(image)))
 
 
 def upright(image: Image.Image) -> Image.Image:
@@ -219,34 +229,38 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode to RGB; transparent pixels are composited over white rather than dropped to black."""
     if image.mode in SIXTEEN_BIT_MODES:
         # PIL clips 16-bit values at 255 when converting; keep the high byte instead.
-        image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8), "L")
+        image = Image.fromarray((np.asarray(image) >> 8).clip(0, 255).astype(np.uint8), "L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, image).convert("RGB")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba)  # alpha_composite over white, in one pass instead of four
+        return background
     return image.convert("RGB")
 
 
 def centre_square(image: Image.Image) -> Image.Image:
     """The largest centred square (torchvision's CenterCrop rounding)."""
     width, height = image.size
+    if width == height:
+        return image
     side = min(width, height)
     left, top = round((width - side) / 2), round((height - side) / 2)
     return image.crop((left, top, left + side, top + side))
 
 
-def model_pixels(image: Image.Image) -> bytes:
-    """The decoded image as the model's input, uint8 32x32 RGB (HWC) bytes: the centred square, resized.
+def model_pixels(square: Image.Image) -> bytes:
+    """The RGB square from ``load_rgb`` as the model's input, uint8 32x32 RGB (HWC) bytes.
 
-    Images already 32x32 (CIFAR itself) skip both. Cropping before resizing keeps the work bounded by
-    the image itself: resizing the short side of a 16777216x1 image to 32 first would ask for a
-    536870912x32 intermediate. Bilinear with antialiasing, as torchvision's Resize does on PIL images.
+    Cropping (in ``load_rgb``) before resizing keeps the work bounded by the image itself: resizing
+    the short side of a 65535x1 image to 32 first would ask for a 2097120x32 intermediate. Bilinear
+    with antialiasing, as torchvision's Resize does on PIL images; images already 32x32 (CIFAR itself)
+    skip it.
     """
-    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-        image = centre_square(image).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8).tobytes()
+    if square.size != (IMAGE_SIZE, IMAGE_SIZE):
+        square = square.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+    return np.asarray(square, dtype=np.uint8).tobytes()
 
 
 def send_frame(sock: socket.socket, payload: bytes) -> None:
@@ -424,6 +438,7 @@ class Cifar10Handler(BaseHandler):
         self.threads = int(os.environ.get(THREADS_ENV) or config.get("threads", 1))
         self.limits = Limits(
             max_pixels=int(config.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)),
+            max_side=int(config.get("max_image_side", DEFAULT_MAX_IMAGE_SIDE)),
             max_jpeg_scans=int(config.get("max_jpeg_scans", DEFAULT_MAX_JPEG_SCANS)),
             max_jpeg_header_markers=int(config.get("max_jpeg_header_markers", DEFAULT_MAX_JPEG_HEADER_MARKERS)),
             max_png_chunks=int(config.get("max_png_chunks", DEFAULT_MAX_PNG_CHUNKS)))
@@ -450,6 +465,7 @@ class Cifar10Handler(BaseHandler):
                             "checkpoint_test_accuracy": meta.get("checkpoint_test_accuracy"),
                             "accepts": "a PNG or JPEG image as the body, or one per multipart field",
                             "limits": {"max_image_pixels": self.limits.max_pixels,
+                                       "max_image_side": self.limits.max_side,
                                        "max_request_pixels": self.max_request_pixels,
                                        "max_images_per_request": self.max_images,
                                        "request_cpu_budget_ms": round(self.cpu_budget_s * 1000),

@@ -177,9 +177,10 @@ def test_a_describe_header_describes_that_request_only(torchserve, good_images):
     assert described.json()[0]["customizedMetadata"]["classes"] == list(CLASSES)
 
 
-def test_the_decode_budget_is_per_request_and_checked_before_decoding(torchserve, good_images):
+def test_the_decode_budget_is_per_request_and_checked_before_decoding(torchserve, good_images, limits):
     """Each image under the per-image limit, together over the per-request one: 413, neighbours unharmed."""
-    limit = 4096 * 4096
+    limit, side = limits["max_image_pixels"], limits["max_image_side"]
+    assert limit == 4096 * 4096 and side < limit
     big = png_header_only(4096, 4096)
     over = Request(files=[(f"image{i}", (f"{i}.png", big, "image/png")) for i in range(3)])
     at_limit = Request(files=[("image0", ("0.png", big, "image/png")), ("image1", ("1.png", good_images[2][0], "image/png"))])
@@ -188,10 +189,14 @@ def test_the_decode_budget_is_per_request_and_checked_before_decoding(torchserve
     assert too_many.status_code == 413 and is_json_error(too_many)
     assert f"{3 * limit} pixels in all" in too_many.json()["message"]
     assert fits.status_code == 413 and f"{limit + 32 * 32} pixels in all" in fits.json()["message"]
-    # At the limit alone, even as a one-pixel strip (whose short side must not be scaled up to 32 first).
-    for body in (big, png_header_only(limit, 1), png_header_only(1, limit)):
+    # At the limits alone, even as a one-pixel strip (whose short side must not be scaled up to 32 first);
+    # a strip within the pixel limit but past the side limit (PNG rows cost work of their own) is refused.
+    for body in (big, png_header_only(side, 1), png_header_only(1, side)):
         alone = send(torchserve, Request(body))
         assert alone.status_code == 200 and alone.json()["label"] in CLASSES
+    for width, height in ((side + 1, 1), (1, side + 1), (1, limit)):
+        past = send(torchserve, Request(png_header_only(width, height)))
+        assert past.status_code == 413 and f"{width}x{height} pixels, a side longer than the limit of {side}" in past.json()["message"]
 
 
 def test_inputs_that_cost_more_than_their_pixels_are_refused_or_read_within_the_budget(torchserve, good_images,
@@ -210,6 +215,8 @@ def test_inputs_that_cost_more_than_their_pixels_are_refused_or_read_within_the_
         for (name, body), response in zip(chunk, answers):
             if name.startswith(("JPEG: progressive", "JPEG: 500k", "JPEG: 2 MiB", "PNG: 170k", "PNG: ~2000 iCCP")):
                 assert response.status_code == 422 and is_json_error(response), (name, response.text)
+            elif name.startswith("PNG: 16-bit RGBA 1x"):  # within the pixel budget, not the side limit
+                assert response.status_code == 413 and "a side longer than" in response.json()["message"], (name, response.text)
             elif name.startswith("PNG: ~2000 zTXt"):  # Pillow's own MAX_TEXT_MEMORY refuses it
                 assert response.status_code == 400 and "MAX_TEXT_MEMORY" in response.json()["message"], (name, response.text)
             else:
