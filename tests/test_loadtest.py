@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from loadtest import hostile
 from loadtest.affinity import placement
 from loadtest.archive import read_archive, rewrite
 from loadtest.ceiling import images_per_second, window_rates
@@ -29,6 +30,7 @@ from loadtest.run import LoadSpec, load_test, passed
 from loadtest.run import main as load_test_cli
 from loadtest.sweep import get_args_parser as sweep_parser
 from loadtest.sweep import load_window, mean_batch
+from server.config import REPO_ROOT
 from server.launcher import TorchServe
 from tests.conftest import ports_for
 from training.model import CLASSES
@@ -341,3 +343,11 @@ def test_the_accuracy_floor_separates_a_verified_model_from_a_wrong_one() -> Non
     assert 0.5 < accuracy_floor(verified, 32) < accuracy_floor(verified, 256) < accuracy_floor(verified, 10_000) < verified
     assert 0.1 < accuracy_floor(verified, 32)
     assert accuracy_floor(1.0, 32) == 1.0
+
+
+def test_the_hostile_report_says_the_machine_was_shared_only_when_it_was() -> None:
+    report = json.loads((REPO_ROOT / "docs" / "hostile.json").read_text())
+    for busy, shared in ((2.0, False), (float(hostile.SHARED_MACHINE_PERCENT), True), (85.0, True)):
+        text = hostile.markdown({**report, "other_cpu_percent_before": busy})
+        assert f"{busy:.0f}% of the machine was busy before the run" in text
+        assert ("Other jobs were using the machine" in text) == shared
