@@ -43,12 +43,28 @@ class RssSample:
     worker_pids: tuple[int, ...]
 
 
-def model_workers(processes: list[psutil.Process]) -> list[psutil.Process]:
-    """The model workers among the frontend's children (it also runs a metrics collector once a minute)."""
+def worker_processes(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """The model workers and their decoder children among the frontend's descendants (it also runs a
+    metrics collector once a minute): the decoders are forked, so they share the worker's command line."""
     workers = []
     for process in processes:
         try:
             if any(WORKER_SCRIPT in part for part in process.cmdline()):
+                workers.append(process)
+        except psutil.NoSuchProcess:
+            continue
+    return workers
+
+
+def model_workers(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """The model workers alone: a decoder (whose parent is a worker) is neither a worker restart when it
+    is replaced nor memory of its own, since it shares its worker's pages copy-on-write."""
+    found = worker_processes(processes)
+    pids = {process.pid for process in found}
+    workers = []
+    for process in found:
+        try:
+            if process.ppid() not in pids:
                 workers.append(process)
         except psutil.NoSuchProcess:
             continue
@@ -113,12 +129,12 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join([
         f"Run {report['date']}: `{report['command']}`", "",
         f"Machine: {machine_line(report['machine'])}.",
-        f"Other load: {report['other_cpu_percent_before']:.0f}% of the machine busy before the run; during it the "
-        f"frontend kept {cores['frontend']} cores busy, the worker {cores['workers']}, everything else (Locust, "
-        f"other users of the machine) {cores['other']}." if cores else "", "",
-        f"{report['users']} Locust users for {report['minutes']} min on {report['model']}: {run['requests']} requests "
-        f"({run['requests_per_s']:.0f}/s), {run['failures']} failed; {g['requests_after_warm_up']} requests after the "
-        f"{report['warm_up_s']} s warm-up; worker restarts: {g['worker_restarts']}.", "",
+        (f"Other load: {report['other_cpu_percent_before']:.0f}% of the machine busy before the run; during it the "
+         f"frontend kept {cores['frontend']} cores busy, the worker {cores['workers']}, everything else (Locust, "
+         f"other users of the machine) {cores['other']}.") if cores else "", "",
+        (f"{report['users']} Locust users for {report['minutes']} min on {report['model']}: {run['requests']} requests "
+         f"({run['requests_per_s']:.0f}/s), {run['failures']} failed; {g['requests_after_warm_up']} requests after the "
+         f"{report['warm_up_s']} s warm-up; worker restarts: {g['worker_restarts']}."), "",
         *rows, ""])
 
 
@@ -151,7 +167,7 @@ def main(argv: list[str]) -> int:
             stop = threading.Event()
             sampler = threading.Thread(target=sample_until, args=(server, args.interval, stop, samples), daemon=True)
             frontend, *children = server.processes()
-            with CpuMeter(frontend, model_workers(children)) as meter:
+            with CpuMeter(frontend, worker_processes(children)) as meter:
                 start = time.time()
                 sampler.start()
                 prefix = run_locust(spec, output)

@@ -1,11 +1,23 @@
-"""The soak's arithmetic: RSS fitted against requests served, so that a leak is found and a flat line is not."""
+"""The soak's arithmetic (RSS fitted against requests served, so that a leak is found and a flat line is
+not) and which processes it counts as workers."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
+import psutil
 
-from loadtest.soak import MIB, RssSample, analyse
+from loadtest.soak import (
+    MIB,
+    WORKER_SCRIPT,
+    RssSample,
+    analyse,
+    model_workers,
+    worker_processes,
+)
 
 
 def history(seconds: int, per_second: int) -> list[dict[str, float]]:
@@ -35,3 +47,21 @@ def test_a_new_worker_pid_counts_as_a_restart() -> None:
     counts = history(60, 10)
     restarted = samples(30, lambda s: MIB, (7,)) + [RssSample(1000.0 + s, MIB, MIB, (8,)) for s in range(35, 61, 5)]
     assert analyse(restarted, counts, warm_up_until=1000.0)["worker_restarts"] == 1
+
+
+def test_a_workers_forked_decoder_is_not_counted_as_a_worker(tmp_path: Path) -> None:
+    """The decoder shares its worker's command line; only the worker's memory and pid are the worker's."""
+    script = tmp_path / WORKER_SCRIPT
+    script.write_text("import os, sys, time\nif os.fork() == 0:\n    time.sleep(60)\n    os._exit(0)\n"
+                      "print('forked', flush=True)\ntime.sleep(60)\n")
+    worker = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout.readline().strip() == "forked"
+        family = [psutil.Process(worker.pid), *psutil.Process(worker.pid).children()]
+        assert len(family) == 2 and len(worker_processes(family)) == 2
+        assert [process.pid for process in model_workers(family)] == [worker.pid]
+    finally:
+        for process in psutil.Process(worker.pid).children():
+            process.kill()
+        worker.kill()
+        worker.wait()
