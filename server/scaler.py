@@ -41,12 +41,12 @@ def wait_and_scale(workdir: Path, management_url: str, plan: ServingPlan, timeou
     partial failure is safe.
     """
     deadline = time.monotonic() + timeout
-    management = Management(workdir / "key_file.json", management_url)
     last = "the management API listed no model"
     while True:
         try:
             remaining = max(1.0, min(request_timeout, deadline - time.monotonic()))
-            management.timeout = remaining
+            # A client per attempt: each request, the key file's first read included, gets what is left.
+            management = Management(workdir / "key_file.json", management_url, timeout=remaining)
             scaled = scale_to_plan(management, plan, timeout=remaining)
             if scaled:
                 return scaled
