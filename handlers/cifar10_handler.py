@@ -63,8 +63,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_SOS = b"\xff\xda"  # start of scan: every scan of every frame begins with these two bytes
 SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit grayscale PNG
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
-# PNG decoding costs per row as well as per pixel: a 1 x 4096*4096 strip within the pixel budget costs
-# ~0.8 s. JPEG's own limit on a side bounds the rows to a few ms (docs/SERVING.md, "Work budget").
+# PNG decoding costs per row as well as per pixel, so a one-pixel strip within the pixel budget can cost
+# more than the CPU budget; JPEG's own limit on a side bounds the rows (docs/SERVING.md, "Work budget").
 DEFAULT_MAX_IMAGE_SIDE = 65535
 # Decode budget per request, summed over its images and checked from their headers before any is
 # decoded: 2 MiB of well-compressed PNG can otherwise ask for 64 x 4096 x 4096 pixels.
